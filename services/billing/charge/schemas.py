@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class ChargeOut(BaseModel):
+    id: str
+    session_id: str
+    lot_id: str
+    lot_code: str
+    plate: str
+    entered_at: datetime
+    exited_at: datetime
+    amount_fen: int
+    status: str
+    failure_code: str | None
+    captured_at: datetime | None
+    breakdown: dict[str, Any]
+    created_at: datetime
+
+
+class ArrearsOut(BaseModel):
+    arrears_fen: int
+    charges: list[ChargeOut]
+
+
+class LedgerCheck(BaseModel):
+    balanced: bool
+    sum_fen: int
+    journals: int
+    unbalanced_journals: list[str]

@@ -1,0 +1,196 @@
+"""The charge lifecycle, an explicit state machine:
+
+    pending ──send──▶ captured | declined
+       │  └─timeout─▶ unknown ──query──▶ captured | declined | (never seen) pending
+       └─transient error─▶ pending again, later (backoff)
+
+A charge is created in the same transaction that consumes its session's closing event and is
+sent to the provider afterwards by the charge worker, so a crash between the two loses nothing:
+the worker finds the charge still pending (or unknown) and carries on. The provider request
+always carries the charge id as `out_trade_no`, so a resend can never take money twice.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.billing.charge.models import Charge, ChargeStatus
+from services.billing.driver import service as drivers
+from services.billing.driver.models import PaymentAccount
+from services.billing.ledger import service as ledger
+from services.billing.provider.port import (
+    ChargeResult,
+    Outcome,
+    PaymentProvider,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from shared.bus.outbox import enqueue
+from shared.errors import NotFound
+from shared.events import ChargeEvent, Decision, EventType, SessionClosed, new_event
+from shared.internal import InternalClient
+from shared.settings import Settings
+from shared.timeutil import utcnow
+from shared.topics import BILLING_EVENTS
+
+log = structlog.get_logger(__name__)
+SOURCE = "billing"
+MAX_BACKOFF = timedelta(minutes=10)
+
+
+def open_charge(db: Session, lots: InternalClient, closed: SessionClosed) -> Charge | None:
+    """Create the one charge of a closed post-pay session (idempotent on the session id)."""
+    if closed.decision != Decision.postpay or not closed.driver_id:
+        return None
+    existing = db.scalar(select(Charge).where(Charge.session_id == closed.session_id))
+    if existing is not None:
+        return existing
+    price: dict[str, Any] = lots.call("POST", f"/internal/lots/{closed.lot_id}/price", json={
+        "lot_id": closed.lot_id, "entered_at": closed.entered_at.isoformat(),
+        "exited_at": closed.exited_at.isoformat(), "vehicle_type": closed.vehicle_type,
+        "plate_color": closed.plate_color})
+    amount = int(price["fee_fen"])
+    charge = Charge(
+        session_id=closed.session_id, driver_id=closed.driver_id, lot_id=closed.lot_id,
+        lot_code=closed.lot_code, operator_id=closed.operator_id, plate=closed.plate,
+        plate_color=closed.plate_color, entered_at=closed.entered_at,
+        exited_at=closed.exited_at, amount_fen=amount,
+        breakdown={"lines": price["breakdown"]},
+        status=ChargeStatus.free if amount == 0 else ChargeStatus.pending,
+    )
+    db.add(charge)
+    db.flush()
+    log.info("charge.opened", charge_id=charge.id, session_id=closed.session_id,
+             amount_fen=amount)
+    return charge
+
+
+def _publish(db: Session, charge: Charge, type_: EventType) -> None:
+    data = ChargeEvent(charge_id=charge.id, session_id=charge.session_id,
+                       driver_id=charge.driver_id, operator_id=charge.operator_id,
+                       amount_fen=charge.amount_fen, status=charge.status,
+                       failure_code=charge.failure_code)
+    enqueue(db, source=SOURCE, topic=BILLING_EVENTS, key=charge.driver_id,
+            event=new_event(type_, source=SOURCE, data=data, subject=charge.id,
+                            id_=f"{type_}-{charge.id}-{charge.attempts}"))
+
+
+def _apply(db: Session, settings: Settings, charge: Charge, result: ChargeResult) -> None:
+    if result.outcome is Outcome.captured:
+        charge.status = ChargeStatus.captured
+        charge.provider_trade_no = result.trade_no
+        charge.captured_at = result.captured_at or utcnow()
+        charge.failure_code = None
+        ledger.post(db, kind="charge_captured", ref_type="charge", ref_id=charge.id,
+                    at=charge.captured_at, lines=[
+                        (ledger.provider_account(charge.provider or "sandbox"), charge.amount_fen),
+                        (ledger.operator_payable(charge.operator_id), -charge.amount_fen)])
+        _publish(db, charge, EventType.charge_captured)
+        log.info("charge.captured", charge_id=charge.id, amount_fen=charge.amount_fen)
+    else:
+        charge.status = ChargeStatus.declined
+        charge.failure_code = result.failure_code or "declined"
+        _publish(db, charge, EventType.charge_declined)
+        log.info("charge.declined", charge_id=charge.id, reason=charge.failure_code)
+    # Arrears (and so post-pay) may have changed: the gate must learn it.
+    drivers.publish_account_state(db, settings, drivers.get_driver(db, charge.driver_id))
+
+
+def _backoff(charge: Charge) -> None:
+    charge.attempts += 1
+    delay = min(timedelta(seconds=2 ** min(charge.attempts, 10)), MAX_BACKOFF)
+    charge.next_attempt_at = utcnow() + delay
+
+
+def advance(db: Session, settings: Settings, providers: dict[str, PaymentProvider],
+            charge: Charge) -> None:
+    """Move one charge one step along its state machine."""
+    account = db.get(PaymentAccount, charge.driver_id)
+    if charge.status == ChargeStatus.pending and account is None:
+        charge.status = ChargeStatus.declined
+        charge.failure_code = "no_account"
+        _publish(db, charge, EventType.charge_declined)
+        drivers.publish_account_state(db, settings, drivers.get_driver(db, charge.driver_id))
+        return
+    if charge.status == ChargeStatus.pending and account is not None:
+        charge.provider = account.provider
+        charge.agreement_no = account.agreement_no
+    provider = providers[charge.provider or "sandbox"]
+    try:
+        if charge.status == ChargeStatus.unknown:
+            result = provider.query(charge.id)
+            if result is None:  # the provider never saw it: sending again is safe
+                charge.status = ChargeStatus.pending
+                return
+        else:
+            result = provider.charge(agreement_no=charge.agreement_no or "",
+                                     out_trade_no=charge.out_trade_no,
+                                     amount_fen=charge.amount_fen,
+                                     description=f"Parking at {charge.lot_code}")
+    except ProviderTimeout:
+        charge.status = ChargeStatus.unknown
+        _backoff(charge)
+        log.warning("charge.unknown", charge_id=charge.id, attempts=charge.attempts)
+        return
+    except ProviderUnavailable as exc:
+        _backoff(charge)
+        log.warning("charge.retry", charge_id=charge.id, attempts=charge.attempts, error=str(exc))
+        return
+    _apply(db, settings, charge, result)
+
+
+def process_due(factory: sessionmaker[Session], settings: Settings,
+                providers: dict[str, PaymentProvider], limit: int = 20) -> int:
+    """Advance charges that are due, one transaction each; returns how many were touched."""
+    with factory() as db:
+        ids = list(db.scalars(
+            select(Charge.id)
+            .where(or_(Charge.status == ChargeStatus.pending, Charge.status == ChargeStatus.unknown),
+                   Charge.next_attempt_at <= utcnow())
+            .order_by(Charge.next_attempt_at).limit(limit)))
+    for charge_id in ids:
+        with factory() as db, db.begin():
+            query = select(Charge).where(Charge.id == charge_id)
+            if db.get_bind().dialect.name == "postgresql":
+                # Replicas of billing skip a charge another one is working on.
+                query = query.with_for_update(skip_locked=True)
+            charge = db.scalar(query)
+            if charge is None or charge.status not in (ChargeStatus.pending, ChargeStatus.unknown):
+                continue
+            advance(db, settings, providers, charge)
+    return len(ids)
+
+
+def charges_of(db: Session, driver_id: str, limit: int = 100) -> list[Charge]:
+    return list(db.scalars(select(Charge).where(Charge.driver_id == driver_id)
+                           .order_by(Charge.created_at.desc()).limit(limit)))
+
+
+def arrears_of(db: Session, driver_id: str) -> list[Charge]:
+    return list(db.scalars(select(Charge).where(Charge.driver_id == driver_id,
+                                                Charge.status == ChargeStatus.declined)
+                           .order_by(Charge.exited_at)))
+
+
+def pay_arrears(db: Session, driver_id: str) -> list[Charge]:
+    """Send every declined charge again now (e.g. after topping up or binding a new account)."""
+    if db.get(PaymentAccount, driver_id) is None:
+        raise drivers.NoAccount("Bind a payment account first")
+    owed = arrears_of(db, driver_id)
+    for charge in owed:
+        charge.status = ChargeStatus.pending
+        charge.next_attempt_at = utcnow()
+    db.flush()
+    return owed
+
+
+def get_charge_for(db: Session, driver_id: str, charge_id: str) -> Charge:
+    charge = db.get(Charge, charge_id)
+    if charge is None or charge.driver_id != driver_id:
+        raise NotFound("No such charge")
+    return charge

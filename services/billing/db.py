@@ -1,0 +1,3 @@
+from shared.db import make_base
+
+Base = make_base("billing")

@@ -1,0 +1,68 @@
+"""Drivers, their sign-in codes, their single payment account and their vehicles."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from services.billing.db import Base
+from shared.db import new_id
+from shared.timeutil import utcnow
+
+
+class Driver(Base):
+    __tablename__ = "billing_driver"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    phone: Mapped[str] = mapped_column(String(20), unique=True)
+    # Bumped on every change of post-pay state; consumers keep the newest snapshot.
+    state_version: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OtpChallenge(Base):
+    __tablename__ = "billing_otp"
+    __table_args__ = (Index("ix_billing_otp_phone", "phone", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    phone: Mapped[str] = mapped_column(String(20))
+    code_hash: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime]
+    attempts: Mapped[int] = mapped_column(default=0)
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SmsMessage(Base):
+    """The sandbox SMS outbox: what the SMS port would have sent."""
+
+    __tablename__ = "billing_sms"
+    __table_args__ = (Index("ix_billing_sms_phone", "phone", "sent_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    phone: Mapped[str] = mapped_column(String(20))
+    body: Mapped[str] = mapped_column(String(500))
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PaymentAccount(Base):
+    __tablename__ = "billing_payment_account"
+
+    driver_id: Mapped[str] = mapped_column(ForeignKey("billing_driver.id"), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(40))
+    agreement_no: Mapped[str] = mapped_column(String(100))
+    masked_account: Mapped[str] = mapped_column(String(100))
+    bound_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Vehicle(Base):
+    __tablename__ = "billing_vehicle"
+    __table_args__ = (UniqueConstraint("plate", "plate_color"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    driver_id: Mapped[str] = mapped_column(ForeignKey("billing_driver.id"), index=True)
+    plate: Mapped[str] = mapped_column(String(16))
+    plate_color: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

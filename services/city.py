@@ -1,0 +1,124 @@
+"""Composition root: assembles the parts into processes. The only module that sees them all."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterable
+
+import structlog
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from sqlalchemy import select
+
+from services.billing.main import part as billing
+from services.gateway import proxy
+from services.gateway.main import part as gateway
+from services.lots.districts import adapter
+from services.lots.main import part as lots
+from services.lots.models import District
+from services.paysandbox.main import part as paysandbox
+from services.sessions.main import part as sessions
+from shared.bus.migrations_path import BUS_MIGRATIONS
+from shared.http import make_app
+from shared.migrate import upgrade
+from shared.runtime import Part, Runtime, Worker, attach
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+PARTS: dict[str, Part] = {p.name: p for p in (gateway, lots, sessions, billing, paysandbox)}
+
+DESCRIPTION = """
+CityPark — one city, one account, leave first and pay afterwards.
+
+* **Connector** (`/v1/connector`): car parks report entries and exits, signed with
+  RFC 9421 HTTP Message Signatures (Ed25519); the exit answer is the gate decision.
+* **Drivers** (`/v1/auth`, `/v1/me`, `/v1/lots`, `/v1/quotes`): sign in with a one-time code,
+  bind one payment account, register plates, see parkings and charges.
+* **City ops** (`/v1/admin`): districts, operators, car parks, keys, tariffs, ledger.
+
+Errors are `application/problem+json` (RFC 9457) with a stable `code`.
+"""
+
+
+def migrate(settings: Settings, parts: Iterable[Part] = PARTS.values()) -> None:
+    upgrade(BUS_MIGRATIONS, settings.database_url, "alembic_version_bus")
+    for part in parts:
+        if part.migrations:
+            upgrade(part.migrations.script_location, settings.database_url,
+                    part.migrations.version_table)
+
+
+def start_workers(workers: list[Worker], stop: threading.Event) -> list[threading.Thread]:
+    threads = [threading.Thread(target=w, args=(stop,), daemon=True,
+                                name=getattr(w, "__qualname__", "worker")) for w in workers]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def district_codes(rt: Runtime) -> list[str]:
+    with rt.sessionmaker() as db:
+        return list(db.scalars(select(District.code).order_by(District.code)))
+
+
+def build_app(rt: Runtime, parts: list[Part], *, workers: list[Worker], forward: bool = False,
+              mount_sandbox: Runtime | None = None, title: str = "CityPark") -> FastAPI:
+    stop = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        threads = start_workers(workers, stop)
+        log.info("process.ready", parts=[p.name for p in parts], workers=len(threads))
+        yield
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        log.info("process.stopped", parts=[p.name for p in parts])
+
+    app = make_app(title, DESCRIPTION)
+    app.router.lifespan_context = lifespan
+    attach(app, rt)
+    for part in parts:
+        for router in part.routers:
+            app.include_router(router)
+    if forward:
+        app.include_router(proxy.make_router(rt.settings))
+    if mount_sandbox is not None:
+        sandbox_app = make_app("CityPark payment sandbox", "A withholding provider to test against.")
+        attach(sandbox_app, mount_sandbox)
+        for router in paysandbox.routers:
+            sandbox_app.include_router(router)
+        app.mount("/sandbox/pay", sandbox_app)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    return app
+
+
+def embedded(settings: Settings) -> tuple[FastAPI, Runtime]:
+    """The whole city in one process on the embedded default (SQLite, log table, fakeredis)."""
+    migrate(settings)
+    rt = Runtime(settings, source="city")
+    for part in PARTS.values():
+        part.on_startup(rt)
+    workers: list[Worker] = []
+    for part in (gateway, sessions, billing):
+        workers += part.workers(rt)
+    for code in district_codes(rt):
+        workers += adapter.workers(rt, code)
+    app = build_app(rt, [gateway, lots, sessions, billing], workers=workers,
+                    mount_sandbox=Runtime(settings, source="paysandbox"))
+    return app, rt
+
+
+def single(settings: Settings, name: str) -> FastAPI:
+    """One service as its own process (the real topology)."""
+    part = PARTS[name]
+    rt = Runtime(settings, source=name)
+    part.on_startup(rt)
+    return build_app(rt, [part], workers=part.workers(rt), forward=name == "gateway",
+                     title=f"CityPark {name}")

@@ -1,0 +1,59 @@
+"""In the real topology the gateway forwards driver and admin requests to the owning service.
+
+Routing is by path prefix, longest first. Internal paths are never reachable from outside.
+"""
+
+from __future__ import annotations
+
+import httpx
+from fastapi import APIRouter, Request, Response
+
+from shared.errors import NotFound, UpstreamUnavailable
+from shared.settings import Settings
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+              "proxy-authorization", "proxy-authenticate", "trailer", "host", "content-length"}
+
+
+def routes(settings: Settings) -> list[tuple[str, str]]:
+    table = [
+        ("/v1/me/sessions", settings.sessions_url),
+        ("/v1/admin/sessions", settings.sessions_url),
+        ("/v1/me", settings.billing_url),
+        ("/v1/auth", settings.billing_url),
+        ("/v1/admin/sandbox", settings.billing_url),
+        ("/v1/admin/ledger", settings.billing_url),
+        ("/v1/admin/operators", settings.lots_url),
+        ("/v1/admin/lots", settings.lots_url),
+        ("/v1/admin/districts", settings.lots_url),
+        ("/v1/lots", settings.lots_url),
+        ("/v1/quotes", settings.lots_url),
+    ]
+    return sorted(table, key=lambda r: len(r[0]), reverse=True)
+
+
+def make_router(settings: Settings) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+    table = routes(settings)
+    client = httpx.AsyncClient(timeout=15.0)
+
+    @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def forward(rest: str, request: Request) -> Response:
+        path = request.url.path
+        upstream = next((url for prefix, url in table
+                         if path == prefix or path.startswith(prefix + "/")), None)
+        if upstream is None:
+            raise NotFound(f"No route for {path}")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["x-forwarded-for"] = request.client.host if request.client else ""
+        try:
+            answer = await client.request(
+                request.method, upstream.rstrip("/") + path, params=request.query_params,
+                content=await request.body(), headers=headers)
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"The service behind {path} is unreachable") from exc
+        out_headers = {k: v for k, v in answer.headers.items()
+                       if k.lower() not in HOP_BY_HOP | {"content-encoding"}}
+        return Response(answer.content, status_code=answer.status_code, headers=out_headers)
+
+    return router

@@ -1,0 +1,84 @@
+"""The city's registry: districts, operators, car parks, their keys and tariff versions."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import make_base, new_id
+from shared.timeutil import utcnow
+
+Base = make_base("lots")
+
+
+class District(Base):
+    __tablename__ = "lots_district"
+
+    code: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    dialect: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DistrictKey(Base):
+    __tablename__ = "lots_district_key"
+
+    key_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    district: Mapped[str] = mapped_column(ForeignKey("lots_district.code"))
+    public_key_pem: Mapped[str] = mapped_column(String(2000))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Operator(Base):
+    __tablename__ = "lots_operator"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    commission_bps: Mapped[int]
+    settlement_account: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Lot(Base):
+    __tablename__ = "lots_lot"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    district: Mapped[str] = mapped_column(ForeignKey("lots_district.code"), index=True)
+    operator_id: Mapped[str] = mapped_column(ForeignKey("lots_operator.id"), index=True)
+    capacity: Mapped[int]
+    lat: Mapped[float]  # coordinates, not money: floats are right here
+    lng: Mapped[float]
+    postpay_enabled: Mapped[bool] = mapped_column(default=True)
+    free_spaces: Mapped[int | None] = mapped_column(default=None)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    sdk_version: Mapped[str | None] = mapped_column(String(40), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LotKey(Base):
+    __tablename__ = "lots_lot_key"
+
+    # Unique city-wide: the key alone identifies the lot.
+    key_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    lot_id: Mapped[str] = mapped_column(ForeignKey("lots_lot.id"), index=True)
+    public_key_pem: Mapped[str] = mapped_column(String(2000))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TariffVersion(Base):
+    __tablename__ = "lots_tariff"
+    __table_args__ = (
+        UniqueConstraint("lot_id", "effective_from"),
+        Index("ix_lots_tariff_lookup", "lot_id", "effective_from"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    lot_id: Mapped[str] = mapped_column(ForeignKey("lots_lot.id"))
+    effective_from: Mapped[datetime]
+    document: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXAMPLE_TARIFF: dict[str, Any] = {
+    "time_zone": "Asia/Shanghai",
+    "free_minutes": 15,
+    "rates": {
+        "small": {
+            "periods": [
+                {"start": "07:00", "end": "21:00", "first_block_minutes": 60,
+                 "first_block_fen": 500, "unit_minutes": 30, "unit_fen": 150, "cap_fen": None},
+                {"start": "21:00", "end": "07:00", "unit_minutes": 120, "unit_fen": 100,
+                 "cap_fen": 500},
+            ],
+            "daily_cap_fen": 3000,
+        },
+        "large": {
+            "periods": [
+                {"start": "07:00", "end": "21:00", "first_block_minutes": 60,
+                 "first_block_fen": 1000, "unit_minutes": 30, "unit_fen": 300, "cap_fen": None},
+                {"start": "21:00", "end": "07:00", "unit_minutes": 120, "unit_fen": 200,
+                 "cap_fen": 1000},
+            ],
+            "daily_cap_fen": 6000,
+        },
+    },
+    "green_free_minutes": 0,
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OperatorCreate(Strict):
+    name: str = Field(min_length=1, max_length=200, examples=["苏州城市停车运营有限公司"])
+    commission_bps: int = Field(ge=0, le=10_000, examples=[600])
+    settlement_account: str = Field(min_length=1, max_length=200, examples=["6222020200112233"])
+
+
+class OperatorOut(BaseModel):
+    id: str
+    name: str
+    commission_bps: int
+    settlement_account: str
+    created_at: datetime
+
+
+class PublicKeyIn(Strict):
+    key_id: str = Field(min_length=3, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$",
+                        examples=["gusu-001-2026a"])
+    public_key_pem: str = Field(min_length=40, max_length=2000)
+
+
+class Location(Strict):
+    lat: float = Field(ge=-90, le=90, examples=[31.3017])
+    lng: float = Field(ge=-180, le=180, examples=[120.5853])
+
+
+class LotCreate(Strict):
+    code: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                      examples=["GS-0001"])
+    name: str = Field(min_length=1, max_length=200, examples=["观前街地下停车场"])
+    district: str = Field(examples=["gusu"])
+    operator_id: str
+    capacity: int = Field(gt=0, le=100_000, examples=[420])
+    location: Location
+    postpay_enabled: bool = True
+    public_keys: list[PublicKeyIn] = Field(default_factory=list, max_length=2)
+    tariff: dict[str, Any] = Field(examples=[EXAMPLE_TARIFF])
+
+
+class LotOut(BaseModel):
+    id: str
+    code: str
+    name: str
+    district: str
+    operator_id: str
+    capacity: int
+    location: Location
+    postpay_enabled: bool
+    free_spaces: int | None
+    key_ids: list[str]
+    tariff: dict[str, Any] | None
+    created_at: datetime
+
+
+class TariffUpdate(Strict):
+    effective_from: datetime
+    tariff: dict[str, Any] = Field(examples=[EXAMPLE_TARIFF])
+
+
+class TariffVersionOut(BaseModel):
+    lot_id: str
+    effective_from: datetime
+    tariff: dict[str, Any]
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    created_at: datetime
+
+
+class DistrictCreate(Strict):
+    code: str = Field(min_length=2, max_length=40, pattern=r"^[a-z][a-z0-9-]*$",
+                      examples=["suzhou-new"])
+    name: str = Field(min_length=1, max_length=200)
+    dialect: str = Field(examples=["canonical"])
+    public_keys: list[PublicKeyIn] = Field(default_factory=list, max_length=2)
+
+
+class DistrictOut(BaseModel):
+    code: str
+    name: str
+    dialect: str
+    key_ids: list[str]
+
+
+class QuoteRequest(Strict):
+    lot_id: str
+    entered_at: datetime = Field(examples=["2026-11-25T08:10:00+08:00"])
+    exited_at: datetime = Field(examples=["2026-11-25T10:45:00+08:00"])
+    vehicle_type: str = Field(default="small", examples=["small"])
+    plate_color: str = Field(default="blue", examples=["blue"])
+
+
+class QuoteOut(BaseModel):
+    lot_id: str
+    fee_fen: int
+    breakdown: list[dict[str, Any]]
+
+
+class LotNearby(BaseModel):
+    id: str
+    code: str
+    name: str
+    district: str
+    location: Location
+    distance_m: int
+    capacity: int
+    free_spaces: int | None
+    postpay_enabled: bool
+    tariff_summary: str
+
+
+class HeartbeatIn(Strict):
+    free_spaces: int = Field(ge=0)
+    total_spaces: int = Field(ge=0)
+    sdk_version: str = Field(max_length=40)
+
+
+class KeyResolution(BaseModel):
+    """Internal: what a signing key id stands for (a lot or a district platform)."""
+
+    key_id: str
+    public_key_pem: str
+    kind: str  # "lot" | "district"
+    lot_id: str | None = None
+    lot_code: str | None = None
+    operator_id: str | None = None
+    district: str
+    postpay_enabled: bool = False
+
+
+class PriceOut(BaseModel):
+    lot_id: str
+    operator_id: str
+    fee_fen: int
+    breakdown: list[dict[str, Any]]

@@ -1,0 +1,15 @@
+"""The sessions service as a deployable part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.sessions import consumers, endpoints
+from shared.runtime import Migrations, Part
+
+part = Part(
+    name="sessions",
+    routers=[endpoints.driver, endpoints.admin],
+    workers=consumers.workers,
+    migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_sessions"),
+)

@@ -1,0 +1,182 @@
+"""Pairing entries and exits into sessions. Handles duplicates and reordering; never commits."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from datetime import datetime
+
+import structlog
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
+
+from services.sessions.models import ParkingSession, SessionStatus, UnmatchedExit
+from shared.bus.outbox import enqueue
+from shared.errors import NotFound, ValidationFailed
+from shared.events import (
+    Decision,
+    EventType,
+    ParkingEvent,
+    SessionClosed,
+    new_event,
+    session_id_for,
+)
+from shared.topics import SESSIONS_CLOSED
+
+log = structlog.get_logger(__name__)
+SOURCE = "sessions"
+
+
+class SessionRepository:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    @classmethod
+    def from_session(cls, db: Session) -> SessionRepository:
+        return cls(db)
+
+    def get_open_by_vehicle(self, lot_id: str, plate: str, color: str) -> ParkingSession | None:
+        return self.db.scalar(
+            select(ParkingSession)
+            .where(ParkingSession.lot_id == lot_id, ParkingSession.plate == plate,
+                   ParkingSession.plate_color == color,
+                   ParkingSession.status == SessionStatus.open)
+            .order_by(ParkingSession.entered_at.desc())
+            .limit(1)
+        )
+
+    def get_by_entry(self, event_id: str) -> ParkingSession | None:
+        return self.db.scalar(select(ParkingSession).where(
+            ParkingSession.entry_event_id == event_id))
+
+    def get_by_exit(self, event_id: str) -> ParkingSession | None:
+        return self.db.scalar(select(ParkingSession).where(
+            ParkingSession.exit_event_id == event_id))
+
+    def first_unmatched_exit_after(self, lot_id: str, plate: str, color: str,
+                                   after: datetime) -> UnmatchedExit | None:
+        return self.db.scalar(
+            select(UnmatchedExit)
+            .where(UnmatchedExit.lot_id == lot_id, UnmatchedExit.plate == plate,
+                   UnmatchedExit.plate_color == color, UnmatchedExit.occurred_at >= after)
+            .order_by(UnmatchedExit.occurred_at)
+            .limit(1)
+        )
+
+    def list_for_driver(self, driver_id: str, status: SessionStatus | None,
+                        cursor: tuple[datetime, str] | None, limit: int) -> list[ParkingSession]:
+        q = select(ParkingSession).where(ParkingSession.driver_id == driver_id)
+        if status is not None:
+            q = q.where(ParkingSession.status == status)
+        if cursor is not None:
+            q = q.where(tuple_(ParkingSession.entered_at, ParkingSession.id) < cursor)
+        q = q.order_by(ParkingSession.entered_at.desc(), ParkingSession.id.desc()).limit(limit)
+        return list(self.db.scalars(q))
+
+    def search(self, *, plate: str | None, lot_id: str | None, status: SessionStatus | None,
+               limit: int) -> Sequence[ParkingSession]:
+        q = select(ParkingSession)
+        if plate:
+            q = q.where(ParkingSession.plate == plate)
+        if lot_id:
+            q = q.where(ParkingSession.lot_id == lot_id)
+        if status:
+            q = q.where(ParkingSession.status == status)
+        return self.db.scalars(q.order_by(ParkingSession.entered_at.desc()).limit(limit)).all()
+
+
+def handle_parking_event(db: Session, event_type: str, data: ParkingEvent) -> None:
+    repo = SessionRepository.from_session(db)
+    if event_type == EventType.parking_entry:
+        _on_entry(db, repo, data)
+    elif event_type == EventType.parking_exit:
+        _on_exit(db, repo, data)
+    else:
+        raise ValueError(f"unexpected event type {event_type}")
+
+
+def _on_entry(db: Session, repo: SessionRepository, e: ParkingEvent) -> None:
+    if repo.get_by_entry(f"{e.lot_id}/{e.event_id}") is not None:
+        return
+    current = repo.get_open_by_vehicle(e.lot_id, e.plate, e.plate_color)
+    if current is not None:
+        if current.entered_at >= e.occurred_at:
+            # A late, older entry of a vehicle already inside: the newer entry stands.
+            log.info("sessions.entry_stale", lot=e.lot_code, event_id=e.event_id)
+            return
+        current.status = SessionStatus.abandoned
+        log.warning("sessions.abandoned", session_id=current.id, lot=e.lot_code)
+    session = ParkingSession(
+        id=session_id_for(e.lot_id, e.event_id), lot_id=e.lot_id, lot_code=e.lot_code, district=e.district, operator_id=e.operator_id,
+        plate=e.plate, plate_color=e.plate_color, vehicle_type=e.vehicle_type,
+        driver_id=e.driver_id, entry_event_id=f"{e.lot_id}/{e.event_id}", entered_at=e.occurred_at,
+        entry_lane=e.lane,
+    )
+    db.add(session)
+    db.flush()
+    log.info("sessions.opened", session_id=session.id, lot=e.lot_code, entered_at=e.occurred_at)
+    early_exit = repo.first_unmatched_exit_after(e.lot_id, e.plate, e.plate_color, e.occurred_at)
+    if early_exit is not None:
+        exit_event = ParkingEvent.model_validate_json(early_exit.payload)
+        db.delete(early_exit)
+        _close(db, session, exit_event)
+
+
+def _on_exit(db: Session, repo: SessionRepository, e: ParkingEvent) -> None:
+    if repo.get_by_exit(f"{e.lot_id}/{e.event_id}") is not None:
+        return
+    session = repo.get_open_by_vehicle(e.lot_id, e.plate, e.plate_color)
+    if session is None or session.entered_at > e.occurred_at:
+        if db.get(UnmatchedExit, f"{e.lot_id}/{e.event_id}") is None:
+            db.add(UnmatchedExit(event_id=f"{e.lot_id}/{e.event_id}", lot_id=e.lot_id, plate=e.plate,
+                                 plate_color=e.plate_color, occurred_at=e.occurred_at,
+                                 payload=e.model_dump_json()))
+        log.info("sessions.exit_unmatched", lot=e.lot_code, event_id=e.event_id)
+        return
+    _close(db, session, e)
+
+
+def _close(db: Session, session: ParkingSession, e: ParkingEvent) -> None:
+    session.status = SessionStatus.closed
+    session.exited_at = e.occurred_at
+    session.exit_event_id = f"{e.lot_id}/{e.event_id}"
+    session.exit_lane = e.lane
+    session.decision = (e.decision or Decision.pay_on_site).value
+    session.reason = e.reason
+    session.driver_id = e.driver_id or session.driver_id
+    db.flush()
+    closed = SessionClosed(
+        session_id=session.id, lot_id=session.lot_id, lot_code=session.lot_code,
+        district=session.district, operator_id=session.operator_id, plate=session.plate,
+        plate_color=session.plate_color, vehicle_type=session.vehicle_type,
+        entered_at=session.entered_at, exited_at=e.occurred_at,
+        decision=Decision(session.decision), reason=session.reason, driver_id=session.driver_id,
+    )
+    # The session id as event id: however often the exit arrives, one closing event exists.
+    event = new_event(EventType.session_closed, source=SOURCE, data=closed,
+                      subject=session.id, id_=f"session-closed-{session.id}")
+    enqueue(db, source=SOURCE, topic=SESSIONS_CLOSED,
+            key=session.driver_id or f"plate:{session.plate}", event=event)
+    log.info("sessions.closed", session_id=session.id, lot=session.lot_code,
+             decision=session.decision)
+
+
+def get_for_driver(db: Session, driver_id: str, session_id: str) -> ParkingSession:
+    session = db.get(ParkingSession, session_id)
+    # Another driver's session is indistinguishable from a missing one.
+    if session is None or session.driver_id != driver_id:
+        raise NotFound("No such session")
+    return session
+
+
+def encode_cursor(session: ParkingSession) -> str:
+    raw = f"{session.entered_at.isoformat()}|{session.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, sid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(at), sid
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationFailed("cursor is not valid", code_hint="cursor_invalid") from exc

@@ -1,0 +1,142 @@
+"""The consumer loop: dedupe at the door, handle in one transaction, commit offsets last.
+
+Failure policy, explicit: a message that can never succeed (its payload does not validate, or
+the handler raises a client-side Problem) goes to the dead letters and is skipped; anything
+else (a database or a neighbour service away) is retried with backoff, in order, forever,
+without committing past it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+from pydantic import ValidationError
+from sqlalchemy import insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.bus.models import DeadLetter, InboxRow
+from shared.bus.port import Handler, Message
+from shared.errors import Problem
+
+log = structlog.get_logger(__name__)
+
+Poison = (ValidationError, Problem, ValueError)
+
+
+class Subscription(Protocol):
+    def poll(self, timeout_s: float) -> list[Message]: ...
+    def commit(self, messages: list[Message]) -> None: ...
+    def rewind(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def first_time(db: Session, consumer: str, event_id: str) -> bool:
+    """Record that `consumer` saw `event_id`; False when it had already (a redelivery)."""
+    values = {"consumer": consumer, "event_id": event_id}
+    if db.get_bind().dialect.name == "postgresql":
+        stmt = postgresql.insert(InboxRow).values(values).on_conflict_do_nothing()
+    elif db.get_bind().dialect.name == "sqlite":
+        stmt = sqlite.insert(InboxRow).values(values).on_conflict_do_nothing()
+    else:  # pragma: no cover - only the two backends above are supported
+        stmt = insert(InboxRow).values(values)
+    return db.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def idempotent(
+    factory: sessionmaker[Session], consumer: str, handle: Callable[[Session, Message], None]
+) -> Handler:
+    """Wrap a handler so each event id is applied once, in the same transaction as its effects."""
+
+    def run(message: Message) -> None:
+        with factory() as db, db.begin():
+            if not first_time(db, consumer, message.event.id):
+                log.debug("consumer.duplicate", consumer=consumer, event_id=message.event.id)
+                return
+            handle(db, message)
+
+    return run
+
+
+def dead_letter_to_db(factory: sessionmaker[Session], consumer: str) -> DeadLetterSink:
+    def sink(message: Message, error: BaseException) -> None:
+        with factory() as db, db.begin():
+            db.add(DeadLetter(consumer=consumer, topic=message.topic, event_id=message.event.id,
+                              payload=message.event.model_dump_json(), error=repr(error)))
+
+    return sink
+
+
+DeadLetterSink = Callable[[Message, BaseException], None]
+
+
+class ConsumerLoop:
+    def __init__(
+        self,
+        name: str,
+        subscription: Subscription,
+        handler: Handler,
+        *,
+        stop: threading.Event,
+        dead_letter: DeadLetterSink | None = None,
+        max_backoff_s: float = 10.0,
+        idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.subscription = subscription
+        self.handler = handler
+        self.stop = stop
+        self.dead_letter = dead_letter
+        self.max_backoff_s = max_backoff_s
+        self.idle = idle
+        self.handled = 0
+
+    def _handle(self, message: Message) -> bool:
+        """True when the message is done (handled or dead-lettered); False when stopping."""
+        delay = 0.2
+        while True:
+            try:
+                self.handler(message)
+                self.handled += 1
+                return True
+            except Poison as exc:
+                log.error("consumer.dead_letter", consumer=self.name, topic=message.topic,
+                          event_id=message.event.id, error=str(exc))
+                if self.dead_letter is not None:
+                    self.dead_letter(message, exc)
+                return True
+            except Exception as exc:
+                log.warning("consumer.retry", consumer=self.name, event_id=message.event.id,
+                            error=repr(exc), retry_in_s=delay)
+                if self.stop.wait(delay):
+                    return False
+                delay = min(delay * 2, self.max_backoff_s)
+
+    def run(self) -> None:
+        log.info("consumer.started", consumer=self.name)
+        try:
+            while not self.stop.is_set():
+                try:
+                    messages = self.subscription.poll(0.5)
+                except Exception as exc:
+                    log.warning("consumer.poll_failed", consumer=self.name, error=repr(exc))
+                    self.stop.wait(1.0)
+                    continue
+                if not messages:
+                    if self.idle is not None:
+                        self.idle()
+                    continue
+                done: list[Message] = []
+                for message in messages:
+                    if not self._handle(message):
+                        break
+                    done.append(message)
+                self.subscription.commit(done)
+                if len(done) < len(messages):
+                    self.subscription.rewind()
+        finally:
+            self.subscription.close()
+            log.info("consumer.stopped", consumer=self.name, handled=self.handled)

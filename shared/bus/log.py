@@ -1,0 +1,81 @@
+"""The embedded durable log: the outbox table read directly, one position per consumer group."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.bus.models import LogOffset, LogRow
+from shared.bus.outbox import enqueue
+from shared.bus.port import Message
+from shared.events import CloudEvent
+
+
+class LogBus:
+    def __init__(self, factory: sessionmaker[Session], source: str) -> None:
+        self.factory = factory
+        self.source = source
+
+    def publish(self, topic: str, key: str, event: CloudEvent) -> None:
+        self.publish_many([(topic, key, event)])
+
+    def publish_many(self, items: Sequence[tuple[str, str, CloudEvent]]) -> None:
+        with self.factory() as db, db.begin():
+            for topic, key, event in items:
+                enqueue(db, source=self.source, topic=topic, key=key, event=event)
+
+    def close(self) -> None:
+        return None
+
+
+class LogSubscription:
+    def __init__(
+        self, factory: sessionmaker[Session], group: str, topics: Sequence[str], batch: int = 100
+    ) -> None:
+        self.factory = factory
+        self.group = group
+        self.topics = list(topics)
+        self.batch = batch
+        self._position: int | None = None
+
+    def _load_position(self, db: Session) -> int:
+        row = db.get(LogOffset, self.group)
+        return row.position if row else 0
+
+    def poll(self, timeout_s: float) -> list[Message]:
+        with self.factory() as db:
+            if self._position is None:
+                self._position = self._load_position(db)
+            rows = db.scalars(
+                select(LogRow)
+                .where(LogRow.id > self._position, LogRow.topic.in_(self.topics))
+                .order_by(LogRow.id)
+                .limit(self.batch)
+            ).all()
+        messages = [
+            Message(r.topic, r.key, CloudEvent.from_json(r.payload), str(r.id)) for r in rows
+        ]
+        if messages:
+            self._position = int(messages[-1].position)
+        return messages
+
+    def commit(self, messages: list[Message]) -> None:
+        if not messages:
+            return
+        last = max(int(m.position) for m in messages)
+        with self.factory() as db, db.begin():
+            row = db.get(LogOffset, self.group)
+            if row is None:
+                db.add(LogOffset(group=self.group, position=last))
+            elif last > row.position:
+                row.position = last
+
+    def rewind(self) -> None:
+        """Forget the in-memory position: the next poll starts after the last commit."""
+        self._position = None
+
+    def close(self) -> None:
+        return None
+

@@ -1,0 +1,3 @@
+from pathlib import Path
+
+BUS_MIGRATIONS = Path(__file__).parent / "migrations"

@@ -1,0 +1,81 @@
+"""What one process holds: settings, the database, Redis and the bus, created once and shared."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import redis
+from fastapi import APIRouter, FastAPI
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.bus.port import EventBus
+from shared.db import make_engine, make_sessionmaker
+from shared.internal import InternalClient
+from shared.settings import Settings
+
+Worker = Callable[[threading.Event], None]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    source: str  # the service name, used as CloudEvents `source` and outbox owner
+    # Adapters a service plugs in at start-up (e.g. billing's payment providers).
+    providers: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def sessionmaker(self) -> sessionmaker[Session]:
+        return make_sessionmaker(self.engine)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        from shared.cache import make_redis
+
+        return make_redis(self.settings)
+
+    @cached_property
+    def bus(self) -> EventBus:
+        from shared.bus.factory import make_bus
+
+        return make_bus(self.settings, self.sessionmaker, self.source)
+
+    @cached_property
+    def lots_client(self) -> InternalClient:
+        return InternalClient(self.settings.lots_url, self.secret)
+
+    @property
+    def secret(self) -> str:
+        return self.settings.jwt_secret.get_secret_value()
+
+
+@dataclass(frozen=True)
+class Migrations:
+    script_location: Path
+    version_table: str
+
+
+@dataclass
+class Part:
+    """One deployable part of the city: its HTTP routers, background workers and migrations."""
+
+    name: str
+    routers: list[APIRouter] = field(default_factory=list)
+    workers: Callable[[Runtime], list[Worker]] = lambda rt: []
+    migrations: Migrations | None = None
+    on_startup: Callable[[Runtime], None] = lambda rt: None
+
+
+def attach(app: FastAPI, rt: Runtime) -> None:
+    app.state.settings = rt.settings
+    app.state.sessionmaker = rt.sessionmaker
+    app.state.runtime = rt

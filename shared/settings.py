@@ -1,0 +1,61 @@
+"""One typed settings object per process, read from `CITYPARK_*` variables (and `.env`)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BusKind(StrEnum):
+    kafka = "kafka"
+    log = "log"  # the embedded durable log table
+
+
+class CacheKind(StrEnum):
+    redis = "redis"
+    memory = "memory"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CITYPARK_", env_file=".env", extra="ignore")
+
+    # Embedded defaults: `make run` needs nothing but a secret.
+    database_url: str = "sqlite:///.local/citypark.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    bus: BusKind = BusKind.log
+    cache: CacheKind = CacheKind.memory
+
+    # Signs driver and admin tokens and derives the internal service token. No default.
+    jwt_secret: SecretStr
+    driver_token_ttl_s: int = 7 * 24 * 3600
+    otp_ttl_s: int = 300
+    otp_max_attempts: int = 5
+    sandbox_mode: bool = True
+
+    # Where each service is reached for synchronous internal calls.
+    lots_url: str = "http://127.0.0.1:8000"
+    sessions_url: str = "http://127.0.0.1:8000"
+    billing_url: str = "http://127.0.0.1:8000"
+    paysandbox_url: str = "http://127.0.0.1:8000/sandbox/pay"
+
+    arrears_grace_days: int = 7
+    arrears_limit_fen: int = 20_000
+
+    # Connector protocol (SPEC §4).
+    signature_max_skew_s: int = 300
+    occurred_at_max_past_s: int = 7 * 24 * 3600
+    occurred_at_max_future_s: int = 300
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+    log_json: bool = False
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()  # type: ignore[call-arg]  # values come from the environment

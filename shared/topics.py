@@ -1,0 +1,45 @@
+"""Kafka topic names (SPEC §2) and the seeded districts of Suzhou."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PARKING_EVENTS = "citypark.parking-events"  # key: lot id
+SESSIONS_CLOSED = "citypark.sessions-closed"  # key: account (driver) id
+BILLING_EVENTS = "citypark.billing-events"
+ACCOUNT_EVENTS = "citypark.account-events"
+LOT_EVENTS_PREFIX = "citypark.lot-events."
+
+
+def lot_events(district: str) -> str:
+    """One topic per district: what the gateway accepted from that district's lots."""
+    return LOT_EVENTS_PREFIX + district
+
+
+@dataclass(frozen=True)
+class DistrictSeed:
+    code: str
+    name: str
+    dialect: str
+
+
+# Districts are data: these ten are seeded; more are added through the admin API.
+SUZHOU_DISTRICTS: tuple[DistrictSeed, ...] = (
+    DistrictSeed("gusu", "姑苏区", "canonical"),
+    DistrictSeed("huqiu", "虎丘区(高新区)", "legacy-json"),
+    DistrictSeed("wuzhong", "吴中区", "canonical"),
+    DistrictSeed("xiangcheng", "相城区", "xml"),
+    DistrictSeed("wujiang", "吴江区", "csv"),
+    DistrictSeed("sip", "苏州工业园区", "canonical"),
+    DistrictSeed("changshu", "常熟市", "legacy-json"),
+    DistrictSeed("zhangjiagang", "张家港市", "xml"),
+    DistrictSeed("kunshan", "昆山市", "csv"),
+    DistrictSeed("taicang", "太仓市", "canonical"),
+)
+
+
+def all_topics(districts: tuple[str, ...] | None = None) -> list[str]:
+    codes = districts if districts is not None else tuple(d.code for d in SUZHOU_DISTRICTS)
+    return [PARKING_EVENTS, SESSIONS_CLOSED, BILLING_EVENTS, ACCOUNT_EVENTS] + [
+        lot_events(c) for c in codes
+    ]
