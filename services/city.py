@@ -46,13 +46,20 @@ def migrate(settings: Settings, parts: Iterable[Part] = PARTS.values()) -> None:
     upgrade(BUS_MIGRATIONS, settings.database_url, "alembic_version_bus")
     for part in parts:
         if part.migrations:
-            upgrade(part.migrations.script_location, settings.database_url,
-                    part.migrations.version_table)
+            upgrade(
+                part.migrations.script_location,
+                settings.database_url,
+                part.migrations.version_table,
+            )
 
 
 def start_workers(workers: list[Worker], stop: threading.Event) -> list[threading.Thread]:
-    threads = [threading.Thread(target=w, args=(stop,), daemon=True,
-                                name=getattr(w, "__qualname__", "worker")) for w in workers]
+    threads = [
+        threading.Thread(
+            target=w, args=(stop,), daemon=True, name=getattr(w, "__qualname__", "worker")
+        )
+        for w in workers
+    ]
     for t in threads:
         t.start()
     return threads
@@ -63,8 +70,15 @@ def district_codes(rt: Runtime) -> list[str]:
         return list(db.scalars(select(District.code).order_by(District.code)))
 
 
-def build_app(rt: Runtime, parts: list[Part], *, workers: list[Worker], forward: bool = False,
-              mount_sandbox: Runtime | None = None, title: str = "CityPark") -> FastAPI:
+def build_app(
+    rt: Runtime,
+    parts: list[Part],
+    *,
+    workers: list[Worker],
+    forward: bool = False,
+    mount_sandbox: Runtime | None = None,
+    title: str = "CityPark",
+) -> FastAPI:
     stop = threading.Event()
 
     @contextlib.asynccontextmanager
@@ -86,7 +100,9 @@ def build_app(rt: Runtime, parts: list[Part], *, workers: list[Worker], forward:
     if forward:
         app.include_router(proxy.make_router(rt.settings))
     if mount_sandbox is not None:
-        sandbox_app = make_app("CityPark payment sandbox", "A withholding provider to test against.")
+        sandbox_app = make_app(
+            "CityPark payment sandbox", "A withholding provider to test against."
+        )
         attach(sandbox_app, mount_sandbox)
         for router in paysandbox.routers:
             sandbox_app.include_router(router)
@@ -110,8 +126,12 @@ def embedded(settings: Settings) -> tuple[FastAPI, Runtime]:
         workers += part.workers(rt)
     for code in district_codes(rt):
         workers += adapter.workers(rt, code)
-    app = build_app(rt, [gateway, lots, sessions, billing], workers=workers,
-                    mount_sandbox=Runtime(settings, source="paysandbox"))
+    app = build_app(
+        rt,
+        [gateway, lots, sessions, billing],
+        workers=workers,
+        mount_sandbox=Runtime(settings, source="paysandbox"),
+    )
     return app, rt
 
 
@@ -120,5 +140,6 @@ def single(settings: Settings, name: str) -> FastAPI:
     part = PARTS[name]
     rt = Runtime(settings, source=name)
     part.on_startup(rt)
-    return build_app(rt, [part], workers=part.workers(rt), forward=name == "gateway",
-                     title=f"CityPark {name}")
+    return build_app(
+        rt, [part], workers=part.workers(rt), forward=name == "gateway", title=f"CityPark {name}"
+    )

@@ -31,8 +31,14 @@ class PartName(StrEnum):
     district = "district"
 
 
-DEFAULT_PORTS = {"gateway": 8000, "all": 8000, "paysandbox": 8090, "lots": 8001,
-                 "sessions": 8002, "billing": 8003}
+DEFAULT_PORTS = {
+    "gateway": 8000,
+    "all": 8000,
+    "paysandbox": 8090,
+    "lots": 8001,
+    "sessions": 8002,
+    "billing": 8003,
+}
 
 
 def _settings() -> Settings:
@@ -46,8 +52,13 @@ def _settings() -> Settings:
 
 
 def _serve(application: object, host: str, port: int) -> None:
-    uvicorn.run(application, host=host, port=port, log_level="warning",  # type: ignore[arg-type]
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level="warning",  # type: ignore[arg-type]
+        timeout_graceful_shutdown=10,
+    )
 
 
 def _run_district(settings: Settings, code: str) -> None:
@@ -74,8 +85,9 @@ def run(
     district: Annotated[str | None, typer.Argument(help="District code, for `district`.")] = None,
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
-    demo: Annotated[bool, typer.Option(help="`all` only: seed demo car parks and simulate "
-                                             "traffic.")] = False,
+    demo: Annotated[
+        bool, typer.Option(help="`all` only: seed demo car parks and simulate traffic.")
+    ] = False,
 ) -> None:
     """Start a part: `all` (the whole city in one process), a service, or a district adapter."""
     settings = _settings()
@@ -88,8 +100,9 @@ def run(
         _run_district(settings, district)
         return
     listen_host = host or settings.host
-    listen_port = port or (settings.port if part in (PartName.all, PartName.gateway)
-                           else DEFAULT_PORTS[part.value])
+    listen_port = port or (
+        settings.port if part in (PartName.all, PartName.gateway) else DEFAULT_PORTS[part.value]
+    )
     if part is PartName.all:
         application, rt = city.embedded(settings)
         if demo:
@@ -134,8 +147,9 @@ def admin_token(
 @app.command()
 def simulate(
     base_url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8000",
-    keys_dir: Annotated[str, typer.Option(help="Where the demo lots' keys are.")] =
-        ".local/demo-keys",
+    keys_dir: Annotated[
+        str, typer.Option(help="Where the demo lots' keys are.")
+    ] = ".local/demo-keys",
     parkings: Annotated[int, typer.Option(help="How many parkings to drive.")] = 50,
     rate: Annotated[float, typer.Option(help="Parkings started per second.")] = 5.0,
 ) -> None:

@@ -8,8 +8,8 @@ import json
 import random
 import threading
 import time
-from datetime import timedelta
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,16 @@ log = structlog.get_logger(__name__)
 KEYS_DIR = Path(".local/demo-keys")
 # Rough centres of each district, so `GET /v1/lots?near=` finds something real.
 CENTRES = {
-    "gusu": (31.3017, 120.5853), "huqiu": (31.2983, 120.4338), "wuzhong": (31.2624, 120.6318),
-    "xiangcheng": (31.3690, 120.6422), "wujiang": (31.1382, 120.6455), "sip": (31.3246, 120.7235),
-    "changshu": (31.6539, 120.7522), "zhangjiagang": (31.8752, 120.5556),
-    "kunshan": (31.3846, 120.9808), "taicang": (31.4576, 121.1300),
+    "gusu": (31.3017, 120.5853),
+    "huqiu": (31.2983, 120.4338),
+    "wuzhong": (31.2624, 120.6318),
+    "xiangcheng": (31.3690, 120.6422),
+    "wujiang": (31.1382, 120.6455),
+    "sip": (31.3246, 120.7235),
+    "changshu": (31.6539, 120.7522),
+    "zhangjiagang": (31.8752, 120.5556),
+    "kunshan": (31.3846, 120.9808),
+    "taicang": (31.4576, 121.1300),
 }
 LOTS_PER_DISTRICT = 2
 DEMO_DRIVERS = 12
@@ -59,10 +65,17 @@ def seed(rt: Runtime, keys_dir: Path = KEYS_DIR) -> list[dict[str, Any]]:
         if not all(entry["lot_code"] in existing for entry in known):
             known = []
         if not known:
-            operators = [lots.create_operator(db, OperatorCreate(
-                name=name, commission_bps=bps, settlement_account=f"62220202{i:08d}"))
-                for i, (name, bps) in enumerate([("苏州城市停车运营", 500),
-                                                 ("园区智慧停车", 600), ("吴中泊车", 450)])]
+            operators = [
+                lots.create_operator(
+                    db,
+                    OperatorCreate(
+                        name=name, commission_bps=bps, settlement_account=f"62220202{i:08d}"
+                    ),
+                )
+                for i, (name, bps) in enumerate(
+                    [("苏州城市停车运营", 500), ("园区智慧停车", 600), ("吴中泊车", 450)]
+                )
+            ]
             rng = random.Random(7)
             for d in SUZHOU_DISTRICTS:
                 lat, lng = CENTRES[d.code]
@@ -72,32 +85,54 @@ def seed(rt: Runtime, keys_dir: Path = KEYS_DIR) -> list[dict[str, Any]]:
                         continue
                     private_pem, public_pem = generate_keypair()
                     key_id = f"{code.lower()}-k1"
-                    lot = lots.create_lot(db, LotCreate(
-                        code=code, name=f"{d.name}停车场{i + 1}", district=d.code,
-                        operator_id=operators[(i + len(known)) % len(operators)].id,
-                        capacity=rng.randint(80, 600),
-                        location=Location(lat=lat + rng.uniform(-0.01, 0.01),
-                                          lng=lng + rng.uniform(-0.01, 0.01)),
-                        postpay_enabled=True,
-                        public_keys=[PublicKeyIn(key_id=key_id, public_key_pem=public_pem)],
-                        tariff=EXAMPLE_TARIFF))
+                    lot = lots.create_lot(
+                        db,
+                        LotCreate(
+                            code=code,
+                            name=f"{d.name}停车场{i + 1}",
+                            district=d.code,
+                            operator_id=operators[(i + len(known)) % len(operators)].id,
+                            capacity=rng.randint(80, 600),
+                            location=Location(
+                                lat=lat + rng.uniform(-0.01, 0.01),
+                                lng=lng + rng.uniform(-0.01, 0.01),
+                            ),
+                            postpay_enabled=True,
+                            public_keys=[PublicKeyIn(key_id=key_id, public_key_pem=public_pem)],
+                            tariff=EXAMPLE_TARIFF,
+                        ),
+                    )
                     (keys_dir / f"{key_id}.key").write_text(private_pem)
-                    known.append({"lot_id": lot.id, "lot_code": code, "key_id": key_id,
-                                  "capacity": lot.capacity})
+                    known.append(
+                        {
+                            "lot_id": lot.id,
+                            "lot_code": code,
+                            "key_id": key_id,
+                            "capacity": lot.capacity,
+                        }
+                    )
         for n in range(DEMO_DRIVERS):
             phone = f"139000{n:05d}"
             if db.scalar(select(Driver.id).where(Driver.phone == phone)):
                 continue
             driver = Driver(phone=phone)
-            agreement = Agreement(agreement_no=f"AGR-DEMO{n:04d}", holder=f"demo driver {n}",
-                                  balance_fen=200_000 if n % 6 else 300,
-                                  behaviour="ok" if n % 6 else "insufficient_funds")
+            agreement = Agreement(
+                agreement_no=f"AGR-DEMO{n:04d}",
+                holder=f"demo driver {n}",
+                balance_fen=200_000 if n % 6 else 300,
+                behaviour="ok" if n % 6 else "insufficient_funds",
+            )
             db.add_all([driver, agreement])
             db.flush()
             db.add(Vehicle(driver_id=driver.id, plate=demo_plate(n), plate_color="blue"))
-            db.add(PaymentAccount(driver_id=driver.id, provider="sandbox",
-                                  agreement_no=agreement.agreement_no,
-                                  masked_account=f"sandbox ****{agreement.agreement_no[-4:]}"))
+            db.add(
+                PaymentAccount(
+                    driver_id=driver.id,
+                    provider="sandbox",
+                    agreement_no=agreement.agreement_no,
+                    masked_account=f"sandbox ****{agreement.agreement_no[-4:]}",
+                )
+            )
             db.flush()
             drivers.publish_account_state(db, rt.settings, driver)
     manifest.write_text(json.dumps(known, indent=1))
@@ -108,24 +143,31 @@ def seed(rt: Runtime, keys_dir: Path = KEYS_DIR) -> list[dict[str, Any]]:
 class Traffic:
     """Parkings through the SDK: an entry some minutes ago, then the exit now."""
 
-    def __init__(self, base_url: str, lots_manifest: list[dict[str, Any]], keys_dir: Path,
-                 seed_: int = 11) -> None:
+    def __init__(
+        self, base_url: str, lots_manifest: list[dict[str, Any]], keys_dir: Path, seed_: int = 11
+    ) -> None:
         self.rng = random.Random(seed_)
         self.clients = [
-            ConnectorClient(entry["key_id"], (keys_dir / f"{entry['key_id']}.key").read_text(),
-                            base_url=base_url, timeout=10.0)
+            ConnectorClient(
+                entry["key_id"],
+                (keys_dir / f"{entry['key_id']}.key").read_text(),
+                base_url=base_url,
+                timeout=10.0,
+            )
             for entry in lots_manifest
         ]
 
     def one_parking(self) -> str:
         client = self.rng.choice(self.clients)
         enrolled = self.rng.random() < 0.6
-        plate = demo_plate(self.rng.randrange(DEMO_DRIVERS) if enrolled
-                           else 100 + self.rng.randrange(9000))
+        plate = demo_plate(
+            self.rng.randrange(DEMO_DRIVERS) if enrolled else 100 + self.rng.randrange(9000)
+        )
         stay = timedelta(minutes=self.rng.randint(5, 300))
         now = utcnow()
-        client.report_entry(plate=plate, plate_color="blue", vehicle_type="small",
-                            lane="E1", occurred_at=now - stay)
+        client.report_entry(
+            plate=plate, plate_color="blue", vehicle_type="small", lane="E1", occurred_at=now - stay
+        )
         exit_ = client.report_exit(plate=plate, plate_color="blue", lane="X1", occurred_at=now)
         return str(exit_.decision)
 
@@ -145,8 +187,12 @@ def attach_demo(app: FastAPI, rt: Runtime, base_url: str) -> None:
     @contextlib.asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         async with original(application):
-            thread = threading.Thread(target=Traffic(base_url, manifest, KEYS_DIR).run,
-                                      args=(stop,), daemon=True, name="demo-traffic")
+            thread = threading.Thread(
+                target=Traffic(base_url, manifest, KEYS_DIR).run,
+                args=(stop,),
+                daemon=True,
+                name="demo-traffic",
+            )
             thread.start()
             log.info("demo.traffic_started", lots=len(manifest))
             yield

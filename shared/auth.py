@@ -49,8 +49,14 @@ def issue_admin_token(secret: str, role: Role, ttl_s: int | None = None) -> tupl
     """Returns (token, token id). Only the token's hash is stored, for audit and revocation."""
     jti = uuid.uuid4().hex
     now = int(time.time())
-    claims: dict[str, object] = {"iss": ISSUER, "sub": f"admin:{jti}", "kind": "admin",
-                                 "role": role.value, "jti": jti, "iat": now}
+    claims: dict[str, object] = {
+        "iss": ISSUER,
+        "sub": f"admin:{jti}",
+        "kind": "admin",
+        "role": role.value,
+        "jti": jti,
+        "iat": now,
+    }
     if ttl_s:
         claims["exp"] = now + ttl_s
     return jwt.encode(claims, secret, algorithm="HS256"), jti

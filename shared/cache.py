@@ -12,8 +12,9 @@ def make_redis(settings: Settings) -> redis.Redis:
         import fakeredis
 
         return fakeredis.FakeRedis(server=_shared_fake_server(), decode_responses=True)
-    return redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                socket_timeout=5, health_check_interval=30)
+    return redis.Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_timeout=5, health_check_interval=30
+    )
 
 
 _FAKE_SERVER: object | None = None

@@ -35,7 +35,7 @@ class Problem(Exception):
 
 
 def problem(status: int, code: str, title: str) -> type[Problem]:
-    """Declare a Problem subclass in one line: `PlateInvalid = problem(422, "plate_invalid", ...)`."""
+    """Declare a Problem subclass in one line: `X = problem(422, "plate_invalid", "...")`."""
     name = "".join(part.title() for part in code.split("_"))
     return type(name, (Problem,), {"status": status, "code": code, "title": title})
 

@@ -44,7 +44,11 @@ class CloudEvent(BaseModel):
 
 
 def new_event(
-    type_: EventType, *, source: str, data: BaseModel, subject: str | None = None,
+    type_: EventType,
+    *,
+    source: str,
+    data: BaseModel,
+    subject: str | None = None,
     id_: str | None = None,
 ) -> CloudEvent:
     return CloudEvent(

@@ -16,15 +16,29 @@ from shared.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, Problem
 log = structlog.get_logger(__name__)
 
 _STATUS_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
-    415: "unsupported_media_type", 422: "validation_failed", 429: "rate_limited",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_failed",
+    429: "rate_limited",
 }
 
 
 def problem_response(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {"type": PROBLEM_BASE + code.replace("_", "-"), "title": title, "status": status,
-            "detail": detail, "code": code, **extra}
+    body = {
+        "type": PROBLEM_BASE + code.replace("_", "-"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
     return JSONResponse(body, status_code=status, media_type=PROBLEM_CONTENT_TYPE)
 
 
@@ -40,8 +54,11 @@ def problem_responses(*problems: type[Problem]) -> dict[int | str, dict[str, Any
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return JSONResponse(exc.to_dict(instance=request.url.path), status_code=exc.status,
-                            media_type=PROBLEM_CONTENT_TYPE)
+        return JSONResponse(
+            exc.to_dict(instance=request.url.path),
+            status_code=exc.status,
+            media_type=PROBLEM_CONTENT_TYPE,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -49,8 +66,11 @@ def install_problem_handlers(app: FastAPI) -> None:
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()
         ]
-        code = "json_invalid" if any(e["type"] == "json_invalid" for e in errors) else (
-            "validation_failed")
+        code = (
+            "json_invalid"
+            if any(e["type"] == "json_invalid" for e in errors)
+            else ("validation_failed")
+        )
         first = errors[0] if errors else {"loc": [], "msg": "invalid"}
         detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
         return problem_response(422, code, "The request is invalid", detail, errors=errors)
@@ -64,8 +84,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug or a dependency down; the client sees a problem, never a stack trace.
         log.exception("http.unhandled", path=request.url.path)
-        return problem_response(500, "internal_error", "Internal error",
-                                "An unexpected error occurred; it has been logged.")
+        return problem_response(
+            500,
+            "internal_error",
+            "Internal error",
+            "An unexpected error occurred; it has been logged.",
+        )
 
 
 def install_request_ids(app: FastAPI) -> None:

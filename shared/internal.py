@@ -17,8 +17,14 @@ from shared.errors import NotFound, UpstreamUnavailable
 
 
 class InternalClient:
-    def __init__(self, base_url: str, secret: str, *, timeout: float = 5.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        secret: str,
+        *,
+        timeout: float = 5.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
             timeout=timeout,
@@ -46,8 +52,9 @@ class InternalClient:
             raise UpstreamUnavailable(f"{method} {path} answered {response.status_code}")
         if response.status_code >= 400:
             # A 4xx from a neighbour is a contract breach on our side: surface it as is.
-            raise UpstreamUnavailable(f"{method} {path} answered {response.status_code}: "
-                                      f"{response.text[:200]}")
+            raise UpstreamUnavailable(
+                f"{method} {path} answered {response.status_code}: {response.text[:200]}"
+            )
         return response.json()
 
     def close(self) -> None:

@@ -16,7 +16,8 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
         structlog.processors.format_exc_info,
     ]
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json
+        structlog.processors.JSONRenderer()
+        if json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(

@@ -24,6 +24,7 @@ def upgrade(script_location: Path, database_url: str, version_table: str) -> Non
 
 def run_env(metadata: MetaData, default_version_table: str) -> None:
     """Body of every service's `migrations/env.py`."""
+
     def own_tables_only(name: str | None, type_: str, _parent: object) -> bool:
         # Services share one database: never autogenerate drops of a neighbour's tables.
         return type_ != "table" or name in metadata.tables
@@ -33,17 +34,26 @@ def run_env(metadata: MetaData, default_version_table: str) -> None:
     url = cfg.get_main_option("sqlalchemy.url")
     assert url, "sqlalchemy.url is not set"
     if context.is_offline_mode():
-        context.configure(url=url, target_metadata=metadata, version_table=version_table,
-                          literal_binds=True, render_as_batch=True)
+        context.configure(
+            url=url,
+            target_metadata=metadata,
+            version_table=version_table,
+            literal_binds=True,
+            render_as_batch=True,
+        )
         with context.begin_transaction():
             context.run_migrations()
         return
     engine = create_engine(url, poolclass=pool.NullPool)
     # begin(): SQLite has no transactional DDL, so alembic would not commit by itself.
     with engine.begin() as connection:
-        context.configure(connection=connection, target_metadata=metadata,
-                          version_table=version_table, render_as_batch=True,
-                          include_name=own_tables_only)
+        context.configure(
+            connection=connection,
+            target_metadata=metadata,
+            version_table=version_table,
+            render_as_batch=True,
+            include_name=own_tables_only,
+        )
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -10,7 +10,11 @@ Semantics (SPEC §8, fixed):
    is 0, otherwise the whole stay is billed from entry.
 2. Units are walked from entry. A unit belongs to the period in which it *starts*; the first
    unit of each uninterrupted stretch inside a period is the period's first block when it has
-   one, else a normal unit. A unit that starts before exit is charged whole.
+   one, else a normal unit. A unit that starts before exit is charged whole. A stretch ends
+   when a unit starts in another period or in a later occurrence of the same one; a tariff
+   whose single period is the whole day therefore has one stretch for the whole stay.
+   Periods are read on the local clock: a boundary is the first instant the clock shows it
+   (the jump itself when daylight saving skips it, its first occurrence when it repeats).
 3. `cap_fen` caps the sum of the units of one stretch.
 4. `daily_cap_fen` caps the sum of the units starting in each 24-hour window counted from entry
    (elapsed time, not calendar days).
@@ -24,10 +28,14 @@ price (0 when covered) is first cut to what is left of its stretch's `cap_fen`, 
 is then cut to what is left of the `daily_cap_fen` of the 24-hour window in which the unit
 starts. Equivalently, the stretch cap is applied first, and the daily cap then limits the sum
 of the stretch-capped amounts falling in each window. A stretch that straddles a window edge
-consumes its own cap in time order, so its early units count against the earlier window. This
+consumes its own cap in time order, so its early units count against the earlier window, and
+a unit's stretch-capped price uses up stretch cap even where the daily cap then charges 0. This
 order makes the fee a running sum of non-negative unit charges, hence monotone in exit time,
 never above `daily_cap_fen` per started window, and identical whether a stay is quoted live or
-billed at exit.
+billed at exit. Its one surprise is kept deliberately, because it is what "covered units cost
+0" means: when both caps bind, a pass over early units of a stretch leaves stretch-cap room
+that the daily cap had made worthless in their window, and later units of the same stretch in
+the next window may use it, so a pass can raise a fee (see the test that pins this down).
 
 Units are counted arithmetically between boundaries (period ends, window edges, pass edges),
 never minute by minute, so a week-long stay costs a few dozen steps.

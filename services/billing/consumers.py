@@ -25,8 +25,13 @@ def workers(rt: Runtime) -> list[Worker]:
 
     def consume(stop: threading.Event) -> None:
         sub = make_subscription(rt.settings, rt.sessionmaker, GROUP, [SESSIONS_CLOSED])
-        ConsumerLoop(GROUP, sub, idempotent(rt.sessionmaker, GROUP, handle), stop=stop,
-                     dead_letter=dead_letter_to_db(rt.sessionmaker, GROUP)).run()
+        ConsumerLoop(
+            GROUP,
+            sub,
+            idempotent(rt.sessionmaker, GROUP, handle),
+            stop=stop,
+            dead_letter=dead_letter_to_db(rt.sessionmaker, GROUP),
+        ).run()
 
     def charge_worker(stop: threading.Event) -> None:
         while not stop.is_set():

@@ -51,26 +51,36 @@ def _charge_out(c: Charge) -> ChargeOut:
     return out
 
 
-@auth.post("/otp", status_code=status.HTTP_202_ACCEPTED,
-           responses=problem_responses(drivers.PhoneInvalid))
+@auth.post(
+    "/otp", status_code=status.HTTP_202_ACCEPTED, responses=problem_responses(drivers.PhoneInvalid)
+)
 def request_otp(data: OtpRequest, db: DbSession, request: Request) -> dict[str, str]:
     """Send a one-time sign-in code to the phone (through the SMS port)."""
     drivers.request_otp(db, _settings(request), data.phone)
     return {"status": "sent"}
 
 
-@auth.post("/token", response_model=TokenOut,
-           responses=problem_responses(drivers.OtpInvalid, drivers.OtpLocked))
+@auth.post(
+    "/token",
+    response_model=TokenOut,
+    responses=problem_responses(drivers.OtpInvalid, drivers.OtpLocked),
+)
 def token(data: TokenRequest, db: DbSession, request: Request) -> TokenOut | JSONResponse:
     """Exchange phone + code for a bearer token. Codes are single-use and expire."""
     settings = _settings(request)
     result = drivers.verify_otp(db, settings, data.phone, data.code)
     if isinstance(result, drivers.Problem):
-        return JSONResponse(result.to_dict(instance=request.url.path), status_code=result.status,
-                            media_type=PROBLEM_CONTENT_TYPE)
-    return TokenOut(access_token=issue_driver_token(settings.jwt_secret.get_secret_value(),
-                                                    result.id, settings.driver_token_ttl_s),
-                    expires_in=settings.driver_token_ttl_s)
+        return JSONResponse(
+            result.to_dict(instance=request.url.path),
+            status_code=result.status,
+            media_type=PROBLEM_CONTENT_TYPE,
+        )
+    return TokenOut(
+        access_token=issue_driver_token(
+            settings.jwt_secret.get_secret_value(), result.id, settings.driver_token_ttl_s
+        ),
+        expires_in=settings.driver_token_ttl_s,
+    )
 
 
 @me.get("", response_model=MeOut)
@@ -79,33 +89,47 @@ def get_me(who: DriverAuth, db: DbSession, request: Request) -> MeOut:
     driver = drivers.get_driver(db, who.id)
     account = db.get(PaymentAccount, who.id)
     return MeOut(
-        id=driver.id, phone=drivers.mask_phone(driver.phone),
+        id=driver.id,
+        phone=drivers.mask_phone(driver.phone),
         account=AccountOut.model_validate(account, from_attributes=True) if account else None,
-        vehicles=[VehicleOut.model_validate(v, from_attributes=True)
-                  for v in drivers.vehicles_of(db, who.id)],
+        vehicles=[
+            VehicleOut.model_validate(v, from_attributes=True)
+            for v in drivers.vehicles_of(db, who.id)
+        ],
         postpay=drivers.postpay_status(db, _settings(request), who.id),
         arrears_fen=drivers.arrears_fen(db, who.id),
     )
 
 
-@me.put("/account", response_model=AccountOut,
-        responses=problem_responses(drivers.ProviderUnknown, drivers.AgreementInvalid))
+@me.put(
+    "/account",
+    response_model=AccountOut,
+    responses=problem_responses(drivers.ProviderUnknown, drivers.AgreementInvalid),
+)
 def bind_account(data: AccountBind, who: DriverAuth, db: DbSession, request: Request) -> AccountOut:
     """Bind the one payment account (a provider's withholding agreement); replaces the old."""
-    account = drivers.bind_account(db, _settings(request), _providers(request), who.id,
-                                   data.provider, data.agreement_no)
+    account = drivers.bind_account(
+        db, _settings(request), _providers(request), who.id, data.provider, data.agreement_no
+    )
     return AccountOut.model_validate(account, from_attributes=True)
 
 
-@me.delete("/account", status_code=status.HTTP_204_NO_CONTENT,
-           responses=problem_responses(drivers.NoAccount))
+@me.delete(
+    "/account",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problem_responses(drivers.NoAccount),
+)
 def unbind_account(who: DriverAuth, db: DbSession, request: Request) -> Response:
     drivers.unbind_account(db, _settings(request), who.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@me.post("/vehicles", status_code=status.HTTP_201_CREATED, response_model=VehicleOut,
-         responses=problem_responses(PlateInvalid, drivers.VehicleTaken, drivers.VehicleExists))
+@me.post(
+    "/vehicles",
+    status_code=status.HTTP_201_CREATED,
+    response_model=VehicleOut,
+    responses=problem_responses(PlateInvalid, drivers.VehicleTaken, drivers.VehicleExists),
+)
 def add_vehicle(data: VehicleIn, who: DriverAuth, db: DbSession, request: Request) -> VehicleOut:
     """Register a plate; a vehicle belongs to one driver at a time."""
     v = drivers.add_vehicle(db, _settings(request), who.id, data.plate, data.plate_color)
@@ -114,20 +138,25 @@ def add_vehicle(data: VehicleIn, who: DriverAuth, db: DbSession, request: Reques
 
 @me.get("/vehicles", response_model=list[VehicleOut])
 def list_vehicles(who: DriverAuth, db: DbSession) -> list[VehicleOut]:
-    return [VehicleOut.model_validate(v, from_attributes=True)
-            for v in drivers.vehicles_of(db, who.id)]
+    return [
+        VehicleOut.model_validate(v, from_attributes=True) for v in drivers.vehicles_of(db, who.id)
+    ]
 
 
-@me.delete("/vehicles/{vehicle_id}", status_code=status.HTTP_204_NO_CONTENT,
-           responses=problem_responses(NotFound))
+@me.delete(
+    "/vehicles/{vehicle_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problem_responses(NotFound),
+)
 def remove_vehicle(vehicle_id: str, who: DriverAuth, db: DbSession, request: Request) -> Response:
     drivers.remove_vehicle(db, _settings(request), who.id, vehicle_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @me.get("/charges", response_model=list[ChargeOut])
-def list_charges(who: DriverAuth, db: DbSession,
-                 limit: Annotated[int, Query(ge=1, le=200)] = 50) -> list[ChargeOut]:
+def list_charges(
+    who: DriverAuth, db: DbSession, limit: Annotated[int, Query(ge=1, le=200)] = 50
+) -> list[ChargeOut]:
     """What each parking cost and whether it was taken from the bound account."""
     return [_charge_out(c) for c in charges.charges_of(db, who.id, limit)]
 
@@ -140,21 +169,30 @@ def get_charge(charge_id: str, who: DriverAuth, db: DbSession) -> ChargeOut:
 @me.get("/arrears", response_model=ArrearsOut)
 def arrears(who: DriverAuth, db: DbSession) -> ArrearsOut:
     owed = charges.arrears_of(db, who.id)
-    return ArrearsOut(arrears_fen=sum(c.amount_fen for c in owed),
-                      charges=[_charge_out(c) for c in owed])
+    return ArrearsOut(
+        arrears_fen=sum(c.amount_fen for c in owed), charges=[_charge_out(c) for c in owed]
+    )
 
 
-@me.post("/arrears/payments", status_code=status.HTTP_202_ACCEPTED, response_model=ArrearsOut,
-         responses=problem_responses(drivers.NoAccount))
+@me.post(
+    "/arrears/payments",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ArrearsOut,
+    responses=problem_responses(drivers.NoAccount),
+)
 def pay_arrears(who: DriverAuth, db: DbSession) -> ArrearsOut:
     """Charge all arrears to the bound account now; results show on the charges shortly."""
     owed = charges.pay_arrears(db, who.id)
-    return ArrearsOut(arrears_fen=sum(c.amount_fen for c in owed),
-                      charges=[_charge_out(c) for c in owed])
+    return ArrearsOut(
+        arrears_fen=sum(c.amount_fen for c in owed), charges=[_charge_out(c) for c in owed]
+    )
 
 
-@admin.get("/sandbox/sms", response_model=list[SmsOut],
-           responses=problem_responses(NotFound, drivers.PhoneInvalid))
+@admin.get(
+    "/sandbox/sms",
+    response_model=list[SmsOut],
+    responses=problem_responses(NotFound, drivers.PhoneInvalid),
+)
 def sandbox_sms(phone: str, _: AdminAuth, db: DbSession, request: Request) -> list[SmsOut]:
     """Messages the SMS port sent to a phone (sandbox mode only)."""
     if not _settings(request).sandbox_mode:
@@ -166,5 +204,6 @@ def sandbox_sms(phone: str, _: AdminAuth, db: DbSession, request: Request) -> li
 def ledger_check(_: FinanceAuth, db: DbSession) -> LedgerCheck:
     """Is every journal balanced and does the whole ledger sum to zero?"""
     balanced, total, journals, unbalanced = ledger.check(db)
-    return LedgerCheck(balanced=balanced, sum_fen=total, journals=journals,
-                       unbalanced_journals=unbalanced)
+    return LedgerCheck(
+        balanced=balanced, sum_fen=total, journals=journals, unbalanced_journals=unbalanced
+    )

@@ -12,6 +12,7 @@ from shared.runtime import Migrations, Part, Runtime
 def _plug_providers(rt: Runtime) -> None:
     rt.providers.setdefault("sandbox", SandboxProvider(rt.settings.paysandbox_url))
 
+
 part = Part(
     name="billing",
     routers=[endpoints.auth, endpoints.me, endpoints.admin],

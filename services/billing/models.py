@@ -4,5 +4,13 @@ from services.billing.charge.models import Charge
 from services.billing.driver.models import Driver, OtpChallenge, PaymentAccount, SmsMessage, Vehicle
 from services.billing.ledger.models import Journal, LedgerEntry
 
-__all__ = ["Charge", "Driver", "Journal", "LedgerEntry", "OtpChallenge", "PaymentAccount",
-           "SmsMessage", "Vehicle"]
+__all__ = [
+    "Charge",
+    "Driver",
+    "Journal",
+    "LedgerEntry",
+    "OtpChallenge",
+    "PaymentAccount",
+    "SmsMessage",
+    "Vehicle",
+]

@@ -11,8 +11,18 @@ from fastapi import APIRouter, Request, Response
 from shared.errors import NotFound, UpstreamUnavailable
 from shared.settings import Settings
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
-              "proxy-authorization", "proxy-authenticate", "trailer", "host", "content-length"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "trailer",
+    "host",
+    "content-length",
+}
 
 
 def routes(settings: Settings) -> list[tuple[str, str]]:
@@ -40,20 +50,28 @@ def make_router(settings: Settings) -> APIRouter:
     @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def forward(rest: str, request: Request) -> Response:
         path = request.url.path
-        upstream = next((url for prefix, url in table
-                         if path == prefix or path.startswith(prefix + "/")), None)
+        upstream = next(
+            (url for prefix, url in table if path == prefix or path.startswith(prefix + "/")), None
+        )
         if upstream is None:
             raise NotFound(f"No route for {path}")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["x-forwarded-for"] = request.client.host if request.client else ""
         try:
             answer = await client.request(
-                request.method, upstream.rstrip("/") + path, params=request.query_params,
-                content=await request.body(), headers=headers)
+                request.method,
+                upstream.rstrip("/") + path,
+                params=request.query_params,
+                content=await request.body(),
+                headers=headers,
+            )
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"The service behind {path} is unreachable") from exc
-        out_headers = {k: v for k, v in answer.headers.items()
-                       if k.lower() not in HOP_BY_HOP | {"content-encoding"}}
+        out_headers = {
+            k: v
+            for k, v in answer.headers.items()
+            if k.lower() not in HOP_BY_HOP | {"content-encoding"}
+        }
         return Response(answer.content, status_code=answer.status_code, headers=out_headers)
 
     return router

@@ -39,17 +39,26 @@ internal = APIRouter(prefix="/internal/lots", include_in_schema=False)
 
 
 def _lot_out(db: DbSession, lot: Lot) -> LotOut:
-    return LotOut(id=lot.id, code=lot.code, name=lot.name, district=lot.district,
-                  operator_id=lot.operator_id, capacity=lot.capacity,
-                  location=Location(lat=lot.lat, lng=lot.lng),
-                  postpay_enabled=lot.postpay_enabled, free_spaces=lot.free_spaces,
-                  key_ids=service.lot_key_ids(db, lot.id),
-                  tariff=service.current_tariff_doc(db, lot.id), created_at=lot.created_at)
+    return LotOut(
+        id=lot.id,
+        code=lot.code,
+        name=lot.name,
+        district=lot.district,
+        operator_id=lot.operator_id,
+        capacity=lot.capacity,
+        location=Location(lat=lot.lat, lng=lot.lng),
+        postpay_enabled=lot.postpay_enabled,
+        free_spaces=lot.free_spaces,
+        key_ids=service.lot_key_ids(db, lot.id),
+        tariff=service.current_tariff_doc(db, lot.id),
+        created_at=lot.created_at,
+    )
 
 
 def _district_out(db: DbSession, d: District) -> DistrictOut:
-    return DistrictOut(code=d.code, name=d.name, dialect=d.dialect,
-                       key_ids=service.district_key_ids(db, d.code))
+    return DistrictOut(
+        code=d.code, name=d.name, dialect=d.dialect, key_ids=service.district_key_ids(db, d.code)
+    )
 
 
 @admin.post("/operators", status_code=status.HTTP_201_CREATED, response_model=OperatorOut)
@@ -60,55 +69,81 @@ def create_operator(data: OperatorCreate, db: DbSession, _: AdminAuth) -> Operat
 
 
 @admin.post(
-    "/lots", status_code=status.HTTP_201_CREATED, response_model=LotOut,
-    responses=problem_responses(service.DistrictUnknown, service.OperatorUnknown,
-                                service.LotCodeTaken, service.KeyIdTaken, TariffInvalid,
-                                PublicKeyInvalid),
+    "/lots",
+    status_code=status.HTTP_201_CREATED,
+    response_model=LotOut,
+    responses=problem_responses(
+        service.DistrictUnknown,
+        service.OperatorUnknown,
+        service.LotCodeTaken,
+        service.KeyIdTaken,
+        TariffInvalid,
+        PublicKeyInvalid,
+    ),
 )
 def create_lot(data: LotCreate, db: DbSession, _: AdminAuth) -> LotOut:
     """Connect a car park: its district, operator, capacity, keys and tariff (in force now)."""
     return _lot_out(db, service.create_lot(db, data))
 
 
-@admin.get("/lots/{lot_id}", response_model=LotOut,
-           responses=problem_responses(service.LotUnknown))
+@admin.get("/lots/{lot_id}", response_model=LotOut, responses=problem_responses(service.LotUnknown))
 def get_lot(lot_id: str, db: DbSession, _: ViewerAuth) -> LotOut:
     return _lot_out(db, service.get_lot(db, lot_id))
 
 
-@admin.put("/lots/{lot_id}/tariff", response_model=TariffVersionOut,
-           responses=problem_responses(service.LotUnknown, TariffInvalid))
+@admin.put(
+    "/lots/{lot_id}/tariff",
+    response_model=TariffVersionOut,
+    responses=problem_responses(service.LotUnknown, TariffInvalid),
+)
 def put_tariff(lot_id: str, data: TariffUpdate, db: DbSession, _: AdminAuth) -> TariffVersionOut:
     """Add a tariff version; stays are priced by the version in force at their entry."""
     tariff = service.set_tariff(db, lot_id, data.effective_from, data.tariff)
-    return TariffVersionOut(lot_id=lot_id, effective_from=data.effective_from,
-                            tariff=tariff.model_dump(mode="json"))
+    return TariffVersionOut(
+        lot_id=lot_id, effective_from=data.effective_from, tariff=tariff.model_dump(mode="json")
+    )
 
 
-@admin.post("/lots/{lot_id}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyOut,
-            responses=problem_responses(service.LotUnknown, service.KeyIdTaken,
-                                        service.TooManyKeys, PublicKeyInvalid))
+@admin.post(
+    "/lots/{lot_id}/keys",
+    status_code=status.HTTP_201_CREATED,
+    response_model=KeyOut,
+    responses=problem_responses(
+        service.LotUnknown, service.KeyIdTaken, service.TooManyKeys, PublicKeyInvalid
+    ),
+)
 def add_key(lot_id: str, key: PublicKeyIn, db: DbSession, _: AdminAuth) -> KeyOut:
     """Register a connector's public key (two may be active at once, for rotation)."""
     row = service.add_lot_key(db, lot_id, key)
     return KeyOut(key_id=row.key_id, created_at=row.created_at)
 
 
-@admin.delete("/lots/{lot_id}/keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT,
-              responses=problem_responses(service.KeyUnknownHere))
+@admin.delete(
+    "/lots/{lot_id}/keys/{key_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problem_responses(service.KeyUnknownHere),
+)
 def delete_key(lot_id: str, key_id: str, db: DbSession, _: AdminAuth) -> None:
     service.delete_lot_key(db, lot_id, key_id)
 
 
-@admin.post("/districts", status_code=status.HTTP_201_CREATED, response_model=DistrictOut,
-            responses=problem_responses(service.DistrictExists, service.DialectUnknown))
+@admin.post(
+    "/districts",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DistrictOut,
+    responses=problem_responses(service.DistrictExists, service.DialectUnknown),
+)
 def create_district(data: DistrictCreate, db: DbSession, _: AdminAuth) -> DistrictOut:
     """Add a district platform (districts are data: no code change needed)."""
     return _district_out(db, service.create_district(db, data))
 
 
-@admin.post("/districts/{code}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyOut,
-            responses=problem_responses(NotFound, service.KeyIdTaken, service.TooManyKeys))
+@admin.post(
+    "/districts/{code}/keys",
+    status_code=status.HTTP_201_CREATED,
+    response_model=KeyOut,
+    responses=problem_responses(NotFound, service.KeyIdTaken, service.TooManyKeys),
+)
 def add_district_key(code: str, key: PublicKeyIn, db: DbSession, _: AdminAuth) -> KeyOut:
     row = service.add_district_key(db, code, key)
     return KeyOut(key_id=row.key_id, created_at=row.created_at)
@@ -134,21 +169,32 @@ def lots_near(
     """Car parks near a point, nearest first, with free spaces and a tariff summary."""
     lat, lng = _parse_near(near)
     return [
-        LotNearby(id=lot.id, code=lot.code, name=lot.name, district=lot.district,
-                  location=Location(lat=lot.lat, lng=lot.lng), distance_m=round(dist),
-                  capacity=lot.capacity, free_spaces=lot.free_spaces,
-                  postpay_enabled=lot.postpay_enabled,
-                  tariff_summary=service.tariff_summary(service.current_tariff_doc(db, lot.id)))
+        LotNearby(
+            id=lot.id,
+            code=lot.code,
+            name=lot.name,
+            district=lot.district,
+            location=Location(lat=lot.lat, lng=lot.lng),
+            distance_m=round(dist),
+            capacity=lot.capacity,
+            free_spaces=lot.free_spaces,
+            postpay_enabled=lot.postpay_enabled,
+            tariff_summary=service.tariff_summary(service.current_tariff_doc(db, lot.id)),
+        )
         for lot, dist in service.lots_near(db, lat, lng, radius_m)
     ]
 
 
-@public.post("/v1/quotes", response_model=QuoteOut,
-             responses=problem_responses(service.LotUnknown, PlateColorInvalid, PlateInvalid))
+@public.post(
+    "/v1/quotes",
+    response_model=QuoteOut,
+    responses=problem_responses(service.LotUnknown, PlateColorInvalid, PlateInvalid),
+)
 def create_quote(data: QuoteRequest, db: DbSession) -> QuoteOut:
     """What a stay costs at a car park, with one breakdown line per stretch (SPEC §8)."""
-    _, fee, breakdown = service.price(db, data.lot_id, data.entered_at, data.exited_at,
-                                      data.vehicle_type, data.plate_color)
+    _, fee, breakdown = service.price(
+        db, data.lot_id, data.entered_at, data.exited_at, data.vehicle_type, data.plate_color
+    )
     return QuoteOut(lot_id=data.lot_id, fee_fen=fee, breakdown=breakdown)
 
 
@@ -159,8 +205,9 @@ def resolve_key(key_id: str, db: DbSession, _: InternalAuth) -> KeyResolution:
 
 @internal.post("/{lot_id}/price", response_model=PriceOut)
 def price(lot_id: str, data: QuoteRequest, db: DbSession, _: InternalAuth) -> PriceOut:
-    lot, fee, breakdown = service.price(db, lot_id, data.entered_at, data.exited_at,
-                                        data.vehicle_type, data.plate_color)
+    lot, fee, breakdown = service.price(
+        db, lot_id, data.entered_at, data.exited_at, data.vehicle_type, data.plate_color
+    )
     return PriceOut(lot_id=lot.id, operator_id=lot.operator_id, fee_fen=fee, breakdown=breakdown)
 
 

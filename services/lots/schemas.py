@@ -11,19 +11,43 @@ EXAMPLE_TARIFF: dict[str, Any] = {
     "rates": {
         "small": {
             "periods": [
-                {"start": "07:00", "end": "21:00", "first_block_minutes": 60,
-                 "first_block_fen": 500, "unit_minutes": 30, "unit_fen": 150, "cap_fen": None},
-                {"start": "21:00", "end": "07:00", "unit_minutes": 120, "unit_fen": 100,
-                 "cap_fen": 500},
+                {
+                    "start": "07:00",
+                    "end": "21:00",
+                    "first_block_minutes": 60,
+                    "first_block_fen": 500,
+                    "unit_minutes": 30,
+                    "unit_fen": 150,
+                    "cap_fen": None,
+                },
+                {
+                    "start": "21:00",
+                    "end": "07:00",
+                    "unit_minutes": 120,
+                    "unit_fen": 100,
+                    "cap_fen": 500,
+                },
             ],
             "daily_cap_fen": 3000,
         },
         "large": {
             "periods": [
-                {"start": "07:00", "end": "21:00", "first_block_minutes": 60,
-                 "first_block_fen": 1000, "unit_minutes": 30, "unit_fen": 300, "cap_fen": None},
-                {"start": "21:00", "end": "07:00", "unit_minutes": 120, "unit_fen": 200,
-                 "cap_fen": 1000},
+                {
+                    "start": "07:00",
+                    "end": "21:00",
+                    "first_block_minutes": 60,
+                    "first_block_fen": 1000,
+                    "unit_minutes": 30,
+                    "unit_fen": 300,
+                    "cap_fen": None,
+                },
+                {
+                    "start": "21:00",
+                    "end": "07:00",
+                    "unit_minutes": 120,
+                    "unit_fen": 200,
+                    "cap_fen": 1000,
+                },
             ],
             "daily_cap_fen": 6000,
         },
@@ -51,8 +75,9 @@ class OperatorOut(BaseModel):
 
 
 class PublicKeyIn(Strict):
-    key_id: str = Field(min_length=3, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$",
-                        examples=["gusu-001-2026a"])
+    key_id: str = Field(
+        min_length=3, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$", examples=["gusu-001-2026a"]
+    )
     public_key_pem: str = Field(min_length=40, max_length=2000)
 
 
@@ -62,8 +87,9 @@ class Location(Strict):
 
 
 class LotCreate(Strict):
-    code: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
-                      examples=["GS-0001"])
+    code: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", examples=["GS-0001"]
+    )
     name: str = Field(min_length=1, max_length=200, examples=["观前街地下停车场"])
     district: str = Field(examples=["gusu"])
     operator_id: str
@@ -106,8 +132,9 @@ class KeyOut(BaseModel):
 
 
 class DistrictCreate(Strict):
-    code: str = Field(min_length=2, max_length=40, pattern=r"^[a-z][a-z0-9-]*$",
-                      examples=["suzhou-new"])
+    code: str = Field(
+        min_length=2, max_length=40, pattern=r"^[a-z][a-z0-9-]*$", examples=["suzhou-new"]
+    )
     name: str = Field(min_length=1, max_length=200)
     dialect: str = Field(examples=["canonical"])
     public_keys: list[PublicKeyIn] = Field(default_factory=list, max_length=2)

@@ -63,8 +63,11 @@ def _checked_pem(key: PublicKeyIn) -> str:
 
 
 def create_operator(db: Session, data: OperatorCreate) -> Operator:
-    op = Operator(name=data.name, commission_bps=data.commission_bps,
-                  settlement_account=data.settlement_account)
+    op = Operator(
+        name=data.name,
+        commission_bps=data.commission_bps,
+        settlement_account=data.settlement_account,
+    )
     db.add(op)
     db.flush()
     return op
@@ -78,8 +81,9 @@ def get_lot(db: Session, lot_id: str) -> Lot:
 
 
 def lot_key_ids(db: Session, lot_id: str) -> list[str]:
-    return list(db.scalars(select(LotKey.key_id).where(LotKey.lot_id == lot_id)
-                           .order_by(LotKey.created_at)))
+    return list(
+        db.scalars(select(LotKey.key_id).where(LotKey.lot_id == lot_id).order_by(LotKey.created_at))
+    )
 
 
 def create_lot(db: Session, data: LotCreate) -> Lot:
@@ -90,16 +94,26 @@ def create_lot(db: Session, data: LotCreate) -> Lot:
     if db.scalar(select(Lot.id).where(Lot.code == data.code)) is not None:
         raise LotCodeTaken(f"Car park code {data.code!r} is taken")
     tariff = parse_tariff(data.tariff)
-    lot = Lot(code=data.code, name=data.name, district=data.district,
-              operator_id=data.operator_id, capacity=data.capacity, lat=data.location.lat,
-              lng=data.location.lng, postpay_enabled=data.postpay_enabled)
+    lot = Lot(
+        code=data.code,
+        name=data.name,
+        district=data.district,
+        operator_id=data.operator_id,
+        capacity=data.capacity,
+        lat=data.location.lat,
+        lng=data.location.lng,
+        postpay_enabled=data.postpay_enabled,
+    )
     db.add(lot)
     db.flush()
     for key in data.public_keys:
         _key_id_free(db, key.key_id)
         db.add(LotKey(key_id=key.key_id, lot_id=lot.id, public_key_pem=_checked_pem(key)))
-    db.add(TariffVersion(lot_id=lot.id, effective_from=lot.created_at,
-                         document=tariff.model_dump(mode="json")))
+    db.add(
+        TariffVersion(
+            lot_id=lot.id, effective_from=lot.created_at, document=tariff.model_dump(mode="json")
+        )
+    )
     db.flush()
     return lot
 
@@ -107,13 +121,21 @@ def create_lot(db: Session, data: LotCreate) -> Lot:
 def set_tariff(db: Session, lot_id: str, effective_from: datetime, doc: dict[str, Any]) -> Tariff:
     get_lot(db, lot_id)
     tariff = parse_tariff(doc)
-    existing = db.scalar(select(TariffVersion).where(
-        TariffVersion.lot_id == lot_id, TariffVersion.effective_from == effective_from))
+    existing = db.scalar(
+        select(TariffVersion).where(
+            TariffVersion.lot_id == lot_id, TariffVersion.effective_from == effective_from
+        )
+    )
     if existing is not None:
         existing.document = tariff.model_dump(mode="json")
     else:
-        db.add(TariffVersion(lot_id=lot_id, effective_from=effective_from,
-                             document=tariff.model_dump(mode="json")))
+        db.add(
+            TariffVersion(
+                lot_id=lot_id,
+                effective_from=effective_from,
+                document=tariff.model_dump(mode="json"),
+            )
+        )
     db.flush()
     return tariff
 
@@ -153,8 +175,10 @@ def create_district(db: Session, data: DistrictCreate) -> District:
 def add_district_key(db: Session, code: str, key: PublicKeyIn) -> DistrictKey:
     if db.get(District, code) is None:
         raise NotFound(f"No district {code!r}")
-    count = db.scalar(select(func.count()).select_from(DistrictKey)
-                      .where(DistrictKey.district == code)) or 0
+    count = (
+        db.scalar(select(func.count()).select_from(DistrictKey).where(DistrictKey.district == code))
+        or 0
+    )
     if count >= MAX_KEYS:
         raise TooManyKeys("Delete the old key before adding a third")
     _key_id_free(db, key.key_id)
@@ -170,29 +194,46 @@ def district_key_ids(db: Session, code: str) -> list[str]:
 
 def tariff_at(db: Session, lot_id: str, at: datetime) -> Tariff:
     """The version in force at `at` (the entry time); before the first, the first one."""
-    row = db.scalar(select(TariffVersion).where(
-        TariffVersion.lot_id == lot_id, TariffVersion.effective_from <= at)
-        .order_by(TariffVersion.effective_from.desc()).limit(1))
+    row = db.scalar(
+        select(TariffVersion)
+        .where(TariffVersion.lot_id == lot_id, TariffVersion.effective_from <= at)
+        .order_by(TariffVersion.effective_from.desc())
+        .limit(1)
+    )
     if row is None:
-        row = db.scalar(select(TariffVersion).where(TariffVersion.lot_id == lot_id)
-                        .order_by(TariffVersion.effective_from).limit(1))
+        row = db.scalar(
+            select(TariffVersion)
+            .where(TariffVersion.lot_id == lot_id)
+            .order_by(TariffVersion.effective_from)
+            .limit(1)
+        )
     if row is None:
         raise LotUnknown(f"Car park {lot_id} has no tariff")
     return parse_tariff(row.document)
 
 
 def current_tariff_doc(db: Session, lot_id: str) -> dict[str, Any] | None:
-    row = db.scalar(select(TariffVersion).where(
-        TariffVersion.lot_id == lot_id, TariffVersion.effective_from <= utcnow())
-        .order_by(TariffVersion.effective_from.desc()).limit(1))
+    row = db.scalar(
+        select(TariffVersion)
+        .where(TariffVersion.lot_id == lot_id, TariffVersion.effective_from <= utcnow())
+        .order_by(TariffVersion.effective_from.desc())
+        .limit(1)
+    )
     return row.document if row else None
 
 
-def price(db: Session, lot_id: str, entered_at: datetime, exited_at: datetime,
-          vehicle_type: str, plate_color: str) -> tuple[Lot, int, list[dict[str, Any]]]:
+def price(
+    db: Session,
+    lot_id: str,
+    entered_at: datetime,
+    exited_at: datetime,
+    vehicle_type: str,
+    plate_color: str,
+) -> tuple[Lot, int, list[dict[str, Any]]]:
     lot = get_lot(db, lot_id)
-    result = quote(tariff_at(db, lot_id, entered_at), entered_at, exited_at, vehicle_type,
-                   plate_color)
+    result = quote(
+        tariff_at(db, lot_id, entered_at), entered_at, exited_at, vehicle_type, plate_color
+    )
     return lot, result.fee_fen, [line.model_dump(mode="json") for line in result.breakdown]
 
 
@@ -200,13 +241,24 @@ def resolve_key(db: Session, key_id: str) -> KeyResolution:
     lot_key = db.get(LotKey, key_id)
     if lot_key is not None:
         lot = get_lot(db, lot_key.lot_id)
-        return KeyResolution(key_id=key_id, public_key_pem=lot_key.public_key_pem, kind="lot",
-                             lot_id=lot.id, lot_code=lot.code, operator_id=lot.operator_id,
-                             district=lot.district, postpay_enabled=lot.postpay_enabled)
+        return KeyResolution(
+            key_id=key_id,
+            public_key_pem=lot_key.public_key_pem,
+            kind="lot",
+            lot_id=lot.id,
+            lot_code=lot.code,
+            operator_id=lot.operator_id,
+            district=lot.district,
+            postpay_enabled=lot.postpay_enabled,
+        )
     district_key = db.get(DistrictKey, key_id)
     if district_key is not None:
-        return KeyResolution(key_id=key_id, public_key_pem=district_key.public_key_pem,
-                             kind="district", district=district_key.district)
+        return KeyResolution(
+            key_id=key_id,
+            public_key_pem=district_key.public_key_pem,
+            kind="district",
+            district=district_key.district,
+        )
     raise NotFound(f"No key {key_id!r}")
 
 
@@ -227,13 +279,17 @@ def distance_m(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
     return 2 * r * math.asin(math.sqrt(a))
 
 
-def lots_near(db: Session, lat: float, lng: float, radius_m: int,
-              limit: int = 50) -> Sequence[tuple[Lot, float]]:
+def lots_near(
+    db: Session, lat: float, lng: float, radius_m: int, limit: int = 50
+) -> Sequence[tuple[Lot, float]]:
     # A bounding box narrows in SQL; the exact great-circle distance filters in Python.
     dlat = radius_m / 111_000
     dlng = radius_m / max(1.0, 111_000 * math.cos(math.radians(lat)))
-    rows = db.scalars(select(Lot).where(
-        Lot.lat.between(lat - dlat, lat + dlat), Lot.lng.between(lng - dlng, lng + dlng)))
+    rows = db.scalars(
+        select(Lot).where(
+            Lot.lat.between(lat - dlat, lat + dlat), Lot.lng.between(lng - dlng, lng + dlng)
+        )
+    )
     found = [(lot, distance_m(lat, lng, lot.lat, lot.lng)) for lot in rows]
     found = [(lot, d) for lot, d in found if d <= radius_m]
     found.sort(key=lambda pair: pair[1])

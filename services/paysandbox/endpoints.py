@@ -75,24 +75,37 @@ class ChargeOut(BaseModel):
 
 
 def _agreement_out(a: Agreement) -> AgreementOut:
-    return AgreementOut(agreement_no=a.agreement_no, holder=a.holder,
-                        masked_account=f"sandbox ****{a.agreement_no[-4:]}",
-                        balance_fen=a.balance_fen, behaviour=a.behaviour,
-                        status="frozen" if a.behaviour == Behaviour.frozen else a.status)
+    return AgreementOut(
+        agreement_no=a.agreement_no,
+        holder=a.holder,
+        masked_account=f"sandbox ****{a.agreement_no[-4:]}",
+        balance_fen=a.balance_fen,
+        behaviour=a.behaviour,
+        status="frozen" if a.behaviour == Behaviour.frozen else a.status,
+    )
 
 
 def _charge_out(c: SandboxCharge) -> ChargeOut:
-    return ChargeOut(out_trade_no=c.out_trade_no, trade_no=c.trade_no,
-                     agreement_no=c.agreement_no, amount_fen=c.amount_fen, status=c.status,
-                     failure_code=c.failure_code,
-                     captured_at=c.captured_at.isoformat() if c.captured_at else None)
+    return ChargeOut(
+        out_trade_no=c.out_trade_no,
+        trade_no=c.trade_no,
+        agreement_no=c.agreement_no,
+        amount_fen=c.amount_fen,
+        status=c.status,
+        failure_code=c.failure_code,
+        captured_at=c.captured_at.isoformat() if c.captured_at else None,
+    )
 
 
 @router.post("/agreements", status_code=status.HTTP_201_CREATED, response_model=AgreementOut)
 def create_agreement(data: AgreementCreate, db: DbSession) -> AgreementOut:
     """Open a withholding agreement (the driver's account at the provider)."""
-    a = Agreement(agreement_no="AGR-" + secrets.token_hex(6), holder=data.holder,
-                  balance_fen=data.balance_fen, behaviour=data.behaviour)
+    a = Agreement(
+        agreement_no="AGR-" + secrets.token_hex(6),
+        holder=data.holder,
+        balance_fen=data.balance_fen,
+        behaviour=data.behaviour,
+    )
     db.add(a)
     db.flush()
     return _agreement_out(a)
@@ -106,9 +119,14 @@ def get_agreement(agreement_no: str, db: DbSession) -> AgreementOut:
     return _agreement_out(a)
 
 
-@router.post("/charges", response_model=ChargeOut,
-             responses={402: {"description": "declined (the body says why)"}})
-def create_charge(data: ChargeCreate, db: DbSession) -> ChargeOut | JSONResponse | StreamingResponse:
+@router.post(
+    "/charges",
+    response_model=ChargeOut,
+    responses={402: {"description": "declined (the body says why)"}},
+)
+def create_charge(
+    data: ChargeCreate, db: DbSession
+) -> ChargeOut | JSONResponse | StreamingResponse:
     """Withhold an amount. Idempotent on `out_trade_no`; a decline answers 402."""
     a = db.get(Agreement, data.agreement_no)
     if a is None:
@@ -124,10 +142,14 @@ def create_charge(data: ChargeCreate, db: DbSession) -> ChargeOut | JSONResponse
         decline = "account_frozen"
     elif a.behaviour == Behaviour.insufficient_funds or a.balance_fen < data.amount_fen:
         decline = "insufficient_funds"
-    charge = existing or SandboxCharge(out_trade_no=data.out_trade_no,
-                                       trade_no="T" + secrets.token_hex(8),
-                                       agreement_no=a.agreement_no, amount_fen=data.amount_fen,
-                                       status="declined", description=data.description)
+    charge = existing or SandboxCharge(
+        out_trade_no=data.out_trade_no,
+        trade_no="T" + secrets.token_hex(8),
+        agreement_no=a.agreement_no,
+        amount_fen=data.amount_fen,
+        status="declined",
+        description=data.description,
+    )
     if existing is None:
         db.add(charge)
     if decline:
@@ -138,12 +160,16 @@ def create_charge(data: ChargeCreate, db: DbSession) -> ChargeOut | JSONResponse
     db.flush()
     out = _charge_out(charge)
     code = 402 if decline else 200
-    delay = SLOW_S if a.behaviour == Behaviour.slow else (
-        TIMEOUT_S if a.behaviour == Behaviour.timeout_then_ok and a.calls == 1 else 0.0)
+    delay = (
+        SLOW_S
+        if a.behaviour == Behaviour.slow
+        else (TIMEOUT_S if a.behaviour == Behaviour.timeout_then_ok and a.calls == 1 else 0.0)
+    )
     if delay:
         # The transaction commits when this function returns; only the answer is late.
-        return StreamingResponse(_late(out.model_dump_json(), delay), status_code=code,
-                                 media_type="application/json")
+        return StreamingResponse(
+            _late(out.model_dump_json(), delay), status_code=code, media_type="application/json"
+        )
     return JSONResponse(out.model_dump(), status_code=code)
 
 
@@ -152,8 +178,11 @@ async def _late(body: str, delay_s: float) -> AsyncIterator[bytes]:
     yield body.encode()
 
 
-@router.get("/charges/{out_trade_no}", response_model=ChargeOut,
-            responses={404: {"description": "never seen"}})
+@router.get(
+    "/charges/{out_trade_no}",
+    response_model=ChargeOut,
+    responses={404: {"description": "never seen"}},
+)
 def query_charge(out_trade_no: str, db: DbSession) -> ChargeOut:
     c = db.get(SandboxCharge, out_trade_no)
     if c is None:

@@ -26,8 +26,13 @@ def _handle(db: Session, message: Message) -> None:
 def workers(rt: Runtime) -> list[Worker]:
     def consume(stop: threading.Event) -> None:
         sub = make_subscription(rt.settings, rt.sessionmaker, GROUP, [PARKING_EVENTS])
-        ConsumerLoop(GROUP, sub, idempotent(rt.sessionmaker, GROUP, _handle), stop=stop,
-                     dead_letter=dead_letter_to_db(rt.sessionmaker, GROUP)).run()
+        ConsumerLoop(
+            GROUP,
+            sub,
+            idempotent(rt.sessionmaker, GROUP, _handle),
+            stop=stop,
+            dead_letter=dead_letter_to_db(rt.sessionmaker, GROUP),
+        ).run()
 
     out: list[Worker] = [consume]
     if rt.settings.bus is BusKind.kafka:

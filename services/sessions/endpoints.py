@@ -22,10 +22,17 @@ admin = APIRouter(prefix="/v1/admin", tags=["admin: parkings"])
 def _fee_so_far(request: Request, s: ParkingSession) -> int | None:
     lots: InternalClient = request.app.state.runtime.lots_client
     try:
-        answer = lots.call("POST", f"/internal/lots/{s.lot_id}/price", json={
-            "lot_id": s.lot_id, "entered_at": s.entered_at.isoformat(),
-            "exited_at": utcnow().isoformat(), "vehicle_type": s.vehicle_type,
-            "plate_color": s.plate_color})
+        answer = lots.call(
+            "POST",
+            f"/internal/lots/{s.lot_id}/price",
+            json={
+                "lot_id": s.lot_id,
+                "entered_at": s.entered_at.isoformat(),
+                "exited_at": utcnow().isoformat(),
+                "vehicle_type": s.vehicle_type,
+                "plate_color": s.plate_color,
+            },
+        )
     except Exception:
         # The live fee is a courtesy; the session itself must still show.
         return None
@@ -34,22 +41,25 @@ def _fee_so_far(request: Request, s: ParkingSession) -> int | None:
 
 @driver.get("/sessions", response_model=SessionPage)
 def list_sessions(
-    me: DriverAuth, db: DbSession,
+    me: DriverAuth,
+    db: DbSession,
     status: SessionStatus | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> SessionPage:
     """The driver's parkings, newest first; `next_cursor` pages on."""
     after = service.decode_cursor(cursor) if cursor else None
-    rows = service.SessionRepository.from_session(db).list_for_driver(me.id, status, after,
-                                                                      limit + 1)
+    rows = service.SessionRepository.from_session(db).list_for_driver(
+        me.id, status, after, limit + 1
+    )
     page = rows[:limit]
     nxt = service.encode_cursor(page[-1]) if len(rows) > limit else None
     return SessionPage(items=[SessionOut.of(s) for s in page], next_cursor=nxt)
 
 
-@driver.get("/sessions/{session_id}", response_model=SessionOut,
-            responses=problem_responses(NotFound))
+@driver.get(
+    "/sessions/{session_id}", response_model=SessionOut, responses=problem_responses(NotFound)
+)
 def get_session(session_id: str, me: DriverAuth, db: DbSession, request: Request) -> SessionOut:
     """One parking; while it is open it shows the fee so far."""
     s = service.get_for_driver(db, me.id, session_id)
@@ -59,10 +69,14 @@ def get_session(session_id: str, me: DriverAuth, db: DbSession, request: Request
 
 @admin.get("/sessions", response_model=list[AdminSessionOut])
 def search_sessions(
-    _: ViewerAuth, db: DbSession, plate: str | None = None, lot_id: str | None = None,
-    status: SessionStatus | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    _: ViewerAuth,
+    db: DbSession,
+    plate: str | None = None,
+    lot_id: str | None = None,
+    status: SessionStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[AdminSessionOut]:
     rows = service.SessionRepository.from_session(db).search(
-        plate=normalize_plate(plate) if plate else None, lot_id=lot_id, status=status,
-        limit=limit)
+        plate=normalize_plate(plate) if plate else None, lot_id=lot_id, status=status, limit=limit
+    )
     return [AdminSessionOut.model_validate(s, from_attributes=True) for s in rows]

@@ -38,33 +38,48 @@ class SessionRepository:
     def get_open_by_vehicle(self, lot_id: str, plate: str, color: str) -> ParkingSession | None:
         return self.db.scalar(
             select(ParkingSession)
-            .where(ParkingSession.lot_id == lot_id, ParkingSession.plate == plate,
-                   ParkingSession.plate_color == color,
-                   ParkingSession.status == SessionStatus.open)
+            .where(
+                ParkingSession.lot_id == lot_id,
+                ParkingSession.plate == plate,
+                ParkingSession.plate_color == color,
+                ParkingSession.status == SessionStatus.open,
+            )
             .order_by(ParkingSession.entered_at.desc())
             .limit(1)
         )
 
     def get_by_entry(self, event_id: str) -> ParkingSession | None:
-        return self.db.scalar(select(ParkingSession).where(
-            ParkingSession.entry_event_id == event_id))
+        return self.db.scalar(
+            select(ParkingSession).where(ParkingSession.entry_event_id == event_id)
+        )
 
     def get_by_exit(self, event_id: str) -> ParkingSession | None:
-        return self.db.scalar(select(ParkingSession).where(
-            ParkingSession.exit_event_id == event_id))
+        return self.db.scalar(
+            select(ParkingSession).where(ParkingSession.exit_event_id == event_id)
+        )
 
-    def first_unmatched_exit_after(self, lot_id: str, plate: str, color: str,
-                                   after: datetime) -> UnmatchedExit | None:
+    def first_unmatched_exit_after(
+        self, lot_id: str, plate: str, color: str, after: datetime
+    ) -> UnmatchedExit | None:
         return self.db.scalar(
             select(UnmatchedExit)
-            .where(UnmatchedExit.lot_id == lot_id, UnmatchedExit.plate == plate,
-                   UnmatchedExit.plate_color == color, UnmatchedExit.occurred_at >= after)
+            .where(
+                UnmatchedExit.lot_id == lot_id,
+                UnmatchedExit.plate == plate,
+                UnmatchedExit.plate_color == color,
+                UnmatchedExit.occurred_at >= after,
+            )
             .order_by(UnmatchedExit.occurred_at)
             .limit(1)
         )
 
-    def list_for_driver(self, driver_id: str, status: SessionStatus | None,
-                        cursor: tuple[datetime, str] | None, limit: int) -> list[ParkingSession]:
+    def list_for_driver(
+        self,
+        driver_id: str,
+        status: SessionStatus | None,
+        cursor: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[ParkingSession]:
         q = select(ParkingSession).where(ParkingSession.driver_id == driver_id)
         if status is not None:
             q = q.where(ParkingSession.status == status)
@@ -73,8 +88,9 @@ class SessionRepository:
         q = q.order_by(ParkingSession.entered_at.desc(), ParkingSession.id.desc()).limit(limit)
         return list(self.db.scalars(q))
 
-    def search(self, *, plate: str | None, lot_id: str | None, status: SessionStatus | None,
-               limit: int) -> Sequence[ParkingSession]:
+    def search(
+        self, *, plate: str | None, lot_id: str | None, status: SessionStatus | None, limit: int
+    ) -> Sequence[ParkingSession]:
         q = select(ParkingSession)
         if plate:
             q = q.where(ParkingSession.plate == plate)
@@ -107,9 +123,17 @@ def _on_entry(db: Session, repo: SessionRepository, e: ParkingEvent) -> None:
         current.status = SessionStatus.abandoned
         log.warning("sessions.abandoned", session_id=current.id, lot=e.lot_code)
     session = ParkingSession(
-        id=session_id_for(e.lot_id, e.event_id), lot_id=e.lot_id, lot_code=e.lot_code, district=e.district, operator_id=e.operator_id,
-        plate=e.plate, plate_color=e.plate_color, vehicle_type=e.vehicle_type,
-        driver_id=e.driver_id, entry_event_id=f"{e.lot_id}/{e.event_id}", entered_at=e.occurred_at,
+        id=session_id_for(e.lot_id, e.event_id),
+        lot_id=e.lot_id,
+        lot_code=e.lot_code,
+        district=e.district,
+        operator_id=e.operator_id,
+        plate=e.plate,
+        plate_color=e.plate_color,
+        vehicle_type=e.vehicle_type,
+        driver_id=e.driver_id,
+        entry_event_id=f"{e.lot_id}/{e.event_id}",
+        entered_at=e.occurred_at,
         entry_lane=e.lane,
     )
     db.add(session)
@@ -128,9 +152,16 @@ def _on_exit(db: Session, repo: SessionRepository, e: ParkingEvent) -> None:
     session = repo.get_open_by_vehicle(e.lot_id, e.plate, e.plate_color)
     if session is None or session.entered_at > e.occurred_at:
         if db.get(UnmatchedExit, f"{e.lot_id}/{e.event_id}") is None:
-            db.add(UnmatchedExit(event_id=f"{e.lot_id}/{e.event_id}", lot_id=e.lot_id, plate=e.plate,
-                                 plate_color=e.plate_color, occurred_at=e.occurred_at,
-                                 payload=e.model_dump_json()))
+            db.add(
+                UnmatchedExit(
+                    event_id=f"{e.lot_id}/{e.event_id}",
+                    lot_id=e.lot_id,
+                    plate=e.plate,
+                    plate_color=e.plate_color,
+                    occurred_at=e.occurred_at,
+                    payload=e.model_dump_json(),
+                )
+            )
         log.info("sessions.exit_unmatched", lot=e.lot_code, event_id=e.event_id)
         return
     _close(db, session, e)
@@ -146,19 +177,38 @@ def _close(db: Session, session: ParkingSession, e: ParkingEvent) -> None:
     session.driver_id = e.driver_id or session.driver_id
     db.flush()
     closed = SessionClosed(
-        session_id=session.id, lot_id=session.lot_id, lot_code=session.lot_code,
-        district=session.district, operator_id=session.operator_id, plate=session.plate,
-        plate_color=session.plate_color, vehicle_type=session.vehicle_type,
-        entered_at=session.entered_at, exited_at=e.occurred_at,
-        decision=Decision(session.decision), reason=session.reason, driver_id=session.driver_id,
+        session_id=session.id,
+        lot_id=session.lot_id,
+        lot_code=session.lot_code,
+        district=session.district,
+        operator_id=session.operator_id,
+        plate=session.plate,
+        plate_color=session.plate_color,
+        vehicle_type=session.vehicle_type,
+        entered_at=session.entered_at,
+        exited_at=e.occurred_at,
+        decision=Decision(session.decision),
+        reason=session.reason,
+        driver_id=session.driver_id,
     )
     # The session id as event id: however often the exit arrives, one closing event exists.
-    event = new_event(EventType.session_closed, source=SOURCE, data=closed,
-                      subject=session.id, id_=f"session-closed-{session.id}")
-    enqueue(db, source=SOURCE, topic=SESSIONS_CLOSED,
-            key=session.driver_id or f"plate:{session.plate}", event=event)
-    log.info("sessions.closed", session_id=session.id, lot=session.lot_code,
-             decision=session.decision)
+    event = new_event(
+        EventType.session_closed,
+        source=SOURCE,
+        data=closed,
+        subject=session.id,
+        id_=f"session-closed-{session.id}",
+    )
+    enqueue(
+        db,
+        source=SOURCE,
+        topic=SESSIONS_CLOSED,
+        key=session.driver_id or f"plate:{session.plate}",
+        event=event,
+    )
+    log.info(
+        "sessions.closed", session_id=session.id, lot=session.lot_code, decision=session.decision
+    )
 
 
 def get_for_driver(db: Session, driver_id: str, session_id: str) -> ParkingSession:

@@ -64,8 +64,15 @@ def idempotent(
 def dead_letter_to_db(factory: sessionmaker[Session], consumer: str) -> DeadLetterSink:
     def sink(message: Message, error: BaseException) -> None:
         with factory() as db, db.begin():
-            db.add(DeadLetter(consumer=consumer, topic=message.topic, event_id=message.event.id,
-                              payload=message.event.model_dump_json(), error=repr(error)))
+            db.add(
+                DeadLetter(
+                    consumer=consumer,
+                    topic=message.topic,
+                    event_id=message.event.id,
+                    payload=message.event.model_dump_json(),
+                    error=repr(error),
+                )
+            )
 
     return sink
 
@@ -103,14 +110,24 @@ class ConsumerLoop:
                 self.handled += 1
                 return True
             except Poison as exc:
-                log.error("consumer.dead_letter", consumer=self.name, topic=message.topic,
-                          event_id=message.event.id, error=str(exc))
+                log.error(
+                    "consumer.dead_letter",
+                    consumer=self.name,
+                    topic=message.topic,
+                    event_id=message.event.id,
+                    error=str(exc),
+                )
                 if self.dead_letter is not None:
                     self.dead_letter(message, exc)
                 return True
             except Exception as exc:
-                log.warning("consumer.retry", consumer=self.name, event_id=message.event.id,
-                            error=repr(exc), retry_in_s=delay)
+                log.warning(
+                    "consumer.retry",
+                    consumer=self.name,
+                    event_id=message.event.id,
+                    error=repr(exc),
+                    retry_in_s=delay,
+                )
                 if self.stop.wait(delay):
                     return False
                 delay = min(delay * 2, self.max_backoff_s)

@@ -62,7 +62,9 @@ class KafkaSubscription:
             for r in records:
                 key = r.key.decode() if r.key else ""
                 out.append(
-                    Message(r.topic, key, CloudEvent.from_json(r.value), f"{r.partition}:{r.offset}")
+                    Message(
+                        r.topic, key, CloudEvent.from_json(r.value), f"{r.partition}:{r.offset}"
+                    )
                 )
         return out
 

@@ -78,4 +78,3 @@ class LogSubscription:
 
     def close(self) -> None:
         return None
-

@@ -21,8 +21,11 @@ log = structlog.get_logger(__name__)
 
 
 def enqueue(db: Session, *, source: str, topic: str, key: str, event: CloudEvent) -> None:
-    db.add(LogRow(source=source, topic=topic, key=key, event_id=event.id,
-                  payload=event.model_dump_json()))
+    db.add(
+        LogRow(
+            source=source, topic=topic, key=key, event_id=event.id, payload=event.model_dump_json()
+        )
+    )
 
 
 def relay_once(factory: sessionmaker[Session], bus: EventBus, source: str, batch: int = 200) -> int:
@@ -48,7 +51,10 @@ def relay_once(factory: sessionmaker[Session], bus: EventBus, source: str, batch
 
 
 def run_relay(
-    factory: sessionmaker[Session], bus: EventBus, source: str, stop: threading.Event,
+    factory: sessionmaker[Session],
+    bus: EventBus,
+    source: str,
+    stop: threading.Event,
     idle_s: float = 0.05,
 ) -> None:
     log.info("relay.started", source=source)

@@ -50,34 +50,61 @@ def open_charge(db: Session, lots: InternalClient, closed: SessionClosed) -> Cha
     existing = db.scalar(select(Charge).where(Charge.session_id == closed.session_id))
     if existing is not None:
         return existing
-    price: dict[str, Any] = lots.call("POST", f"/internal/lots/{closed.lot_id}/price", json={
-        "lot_id": closed.lot_id, "entered_at": closed.entered_at.isoformat(),
-        "exited_at": closed.exited_at.isoformat(), "vehicle_type": closed.vehicle_type,
-        "plate_color": closed.plate_color})
+    price: dict[str, Any] = lots.call(
+        "POST",
+        f"/internal/lots/{closed.lot_id}/price",
+        json={
+            "lot_id": closed.lot_id,
+            "entered_at": closed.entered_at.isoformat(),
+            "exited_at": closed.exited_at.isoformat(),
+            "vehicle_type": closed.vehicle_type,
+            "plate_color": closed.plate_color,
+        },
+    )
     amount = int(price["fee_fen"])
     charge = Charge(
-        session_id=closed.session_id, driver_id=closed.driver_id, lot_id=closed.lot_id,
-        lot_code=closed.lot_code, operator_id=closed.operator_id, plate=closed.plate,
-        plate_color=closed.plate_color, entered_at=closed.entered_at,
-        exited_at=closed.exited_at, amount_fen=amount,
+        session_id=closed.session_id,
+        driver_id=closed.driver_id,
+        lot_id=closed.lot_id,
+        lot_code=closed.lot_code,
+        operator_id=closed.operator_id,
+        plate=closed.plate,
+        plate_color=closed.plate_color,
+        entered_at=closed.entered_at,
+        exited_at=closed.exited_at,
+        amount_fen=amount,
         breakdown={"lines": price["breakdown"]},
         status=ChargeStatus.free if amount == 0 else ChargeStatus.pending,
     )
     db.add(charge)
     db.flush()
-    log.info("charge.opened", charge_id=charge.id, session_id=closed.session_id,
-             amount_fen=amount)
+    log.info("charge.opened", charge_id=charge.id, session_id=closed.session_id, amount_fen=amount)
     return charge
 
 
 def _publish(db: Session, charge: Charge, type_: EventType) -> None:
-    data = ChargeEvent(charge_id=charge.id, session_id=charge.session_id,
-                       driver_id=charge.driver_id, operator_id=charge.operator_id,
-                       amount_fen=charge.amount_fen, status=charge.status,
-                       failure_code=charge.failure_code)
-    enqueue(db, source=SOURCE, topic=BILLING_EVENTS, key=charge.driver_id,
-            event=new_event(type_, source=SOURCE, data=data, subject=charge.id,
-                            id_=f"{type_}-{charge.id}-{charge.attempts}"))
+    data = ChargeEvent(
+        charge_id=charge.id,
+        session_id=charge.session_id,
+        driver_id=charge.driver_id,
+        operator_id=charge.operator_id,
+        amount_fen=charge.amount_fen,
+        status=charge.status,
+        failure_code=charge.failure_code,
+    )
+    enqueue(
+        db,
+        source=SOURCE,
+        topic=BILLING_EVENTS,
+        key=charge.driver_id,
+        event=new_event(
+            type_,
+            source=SOURCE,
+            data=data,
+            subject=charge.id,
+            id_=f"{type_}-{charge.id}-{charge.attempts}",
+        ),
+    )
 
 
 def _apply(db: Session, settings: Settings, charge: Charge, result: ChargeResult) -> None:
@@ -86,10 +113,17 @@ def _apply(db: Session, settings: Settings, charge: Charge, result: ChargeResult
         charge.provider_trade_no = result.trade_no
         charge.captured_at = result.captured_at or utcnow()
         charge.failure_code = None
-        ledger.post(db, kind="charge_captured", ref_type="charge", ref_id=charge.id,
-                    at=charge.captured_at, lines=[
-                        (ledger.provider_account(charge.provider or "sandbox"), charge.amount_fen),
-                        (ledger.operator_payable(charge.operator_id), -charge.amount_fen)])
+        ledger.post(
+            db,
+            kind="charge_captured",
+            ref_type="charge",
+            ref_id=charge.id,
+            at=charge.captured_at,
+            lines=[
+                (ledger.provider_account(charge.provider or "sandbox"), charge.amount_fen),
+                (ledger.operator_payable(charge.operator_id), -charge.amount_fen),
+            ],
+        )
         _publish(db, charge, EventType.charge_captured)
         log.info("charge.captured", charge_id=charge.id, amount_fen=charge.amount_fen)
     else:
@@ -107,8 +141,9 @@ def _backoff(charge: Charge) -> None:
     charge.next_attempt_at = utcnow() + delay
 
 
-def advance(db: Session, settings: Settings, providers: dict[str, PaymentProvider],
-            charge: Charge) -> None:
+def advance(
+    db: Session, settings: Settings, providers: dict[str, PaymentProvider], charge: Charge
+) -> None:
     """Move one charge one step along its state machine."""
     account = db.get(PaymentAccount, charge.driver_id)
     if charge.status == ChargeStatus.pending and account is None:
@@ -128,10 +163,12 @@ def advance(db: Session, settings: Settings, providers: dict[str, PaymentProvide
                 charge.status = ChargeStatus.pending
                 return
         else:
-            result = provider.charge(agreement_no=charge.agreement_no or "",
-                                     out_trade_no=charge.out_trade_no,
-                                     amount_fen=charge.amount_fen,
-                                     description=f"Parking at {charge.lot_code}")
+            result = provider.charge(
+                agreement_no=charge.agreement_no or "",
+                out_trade_no=charge.out_trade_no,
+                amount_fen=charge.amount_fen,
+                description=f"Parking at {charge.lot_code}",
+            )
     except ProviderTimeout:
         charge.status = ChargeStatus.unknown
         _backoff(charge)
@@ -144,15 +181,27 @@ def advance(db: Session, settings: Settings, providers: dict[str, PaymentProvide
     _apply(db, settings, charge, result)
 
 
-def process_due(factory: sessionmaker[Session], settings: Settings,
-                providers: dict[str, PaymentProvider], limit: int = 20) -> int:
+def process_due(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    providers: dict[str, PaymentProvider],
+    limit: int = 20,
+) -> int:
     """Advance charges that are due, one transaction each; returns how many were touched."""
     with factory() as db:
-        ids = list(db.scalars(
-            select(Charge.id)
-            .where(or_(Charge.status == ChargeStatus.pending, Charge.status == ChargeStatus.unknown),
-                   Charge.next_attempt_at <= utcnow())
-            .order_by(Charge.next_attempt_at).limit(limit)))
+        ids = list(
+            db.scalars(
+                select(Charge.id)
+                .where(
+                    or_(
+                        Charge.status == ChargeStatus.pending, Charge.status == ChargeStatus.unknown
+                    ),
+                    Charge.next_attempt_at <= utcnow(),
+                )
+                .order_by(Charge.next_attempt_at)
+                .limit(limit)
+            )
+        )
     for charge_id in ids:
         with factory() as db, db.begin():
             query = select(Charge).where(Charge.id == charge_id)
@@ -167,14 +216,24 @@ def process_due(factory: sessionmaker[Session], settings: Settings,
 
 
 def charges_of(db: Session, driver_id: str, limit: int = 100) -> list[Charge]:
-    return list(db.scalars(select(Charge).where(Charge.driver_id == driver_id)
-                           .order_by(Charge.created_at.desc()).limit(limit)))
+    return list(
+        db.scalars(
+            select(Charge)
+            .where(Charge.driver_id == driver_id)
+            .order_by(Charge.created_at.desc())
+            .limit(limit)
+        )
+    )
 
 
 def arrears_of(db: Session, driver_id: str) -> list[Charge]:
-    return list(db.scalars(select(Charge).where(Charge.driver_id == driver_id,
-                                                Charge.status == ChargeStatus.declined)
-                           .order_by(Charge.exited_at)))
+    return list(
+        db.scalars(
+            select(Charge)
+            .where(Charge.driver_id == driver_id, Charge.status == ChargeStatus.declined)
+            .order_by(Charge.exited_at)
+        )
+    )
 
 
 def pay_arrears(db: Session, driver_id: str) -> list[Charge]:

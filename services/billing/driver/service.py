@@ -44,8 +44,9 @@ OtpLocked = problem(429, "otp_attempts_exceeded", "Too many wrong codes; request
 VehicleTaken = problem(409, "vehicle_taken", "Another driver holds this vehicle")
 VehicleExists = problem(409, "vehicle_exists", "This vehicle is already on your account")
 ProviderUnknown = problem(422, "provider_unknown", "Unknown payment provider")
-AgreementInvalid = problem(422, "agreement_invalid", "The provider does not know this agreement "
-                           "or it is not active")
+AgreementInvalid = problem(
+    422, "agreement_invalid", "The provider does not know this agreement or it is not active"
+)
 NoAccount = problem(404, "no_account", "No payment account is bound")
 
 OTP_PER_HOUR = 5
@@ -70,17 +71,33 @@ def _hash_code(secret: str, phone: str, code: str) -> str:
 def request_otp(db: Session, settings: Settings, raw_phone: str) -> None:
     phone = normalize_phone(raw_phone)
     since = utcnow() - timedelta(hours=1)
-    recent = db.scalar(select(func.count()).select_from(OtpChallenge).where(
-        OtpChallenge.phone == phone, OtpChallenge.created_at >= since)) or 0
+    recent = (
+        db.scalar(
+            select(func.count())
+            .select_from(OtpChallenge)
+            .where(OtpChallenge.phone == phone, OtpChallenge.created_at >= since)
+        )
+        or 0
+    )
     if recent >= OTP_PER_HOUR:
         raise RateLimited(f"At most {OTP_PER_HOUR} codes per hour for one phone")
     code = f"{secrets.randbelow(1_000_000):06d}"
     secret = settings.jwt_secret.get_secret_value()
-    db.add(OtpChallenge(phone=phone, code_hash=_hash_code(secret, phone, code),
-                        expires_at=utcnow() + timedelta(seconds=settings.otp_ttl_s)))
+    db.add(
+        OtpChallenge(
+            phone=phone,
+            code_hash=_hash_code(secret, phone, code),
+            expires_at=utcnow() + timedelta(seconds=settings.otp_ttl_s),
+        )
+    )
     # The SMS port: in sandbox mode the message lands in the outbox admins can read.
-    db.add(SmsMessage(phone=phone, body=f"【CityPark】验证码 {code}，{settings.otp_ttl_s // 60} "
-                                        f"分钟内有效。Your CityPark code is {code}."))
+    db.add(
+        SmsMessage(
+            phone=phone,
+            body=f"【CityPark】验证码 {code}，{settings.otp_ttl_s // 60} "
+            f"分钟内有效。Your CityPark code is {code}.",
+        )
+    )
     log.info("auth.otp_sent", phone=mask_phone(phone))
 
 
@@ -88,8 +105,12 @@ def verify_otp(db: Session, settings: Settings, raw_phone: str, code: str) -> Dr
     """The driver, or the problem to answer with. A wrong code is *returned*, not raised, so
     that the request's transaction still commits the counted attempt."""
     phone = normalize_phone(raw_phone)
-    challenge = db.scalar(select(OtpChallenge).where(OtpChallenge.phone == phone)
-                          .order_by(OtpChallenge.created_at.desc()).limit(1))
+    challenge = db.scalar(
+        select(OtpChallenge)
+        .where(OtpChallenge.phone == phone)
+        .order_by(OtpChallenge.created_at.desc())
+        .limit(1)
+    )
     now = utcnow()
     if challenge is None or challenge.used_at is not None or challenge.expires_at < now:
         return OtpInvalid()
@@ -117,13 +138,22 @@ def get_driver(db: Session, driver_id: str) -> Driver:
 
 
 def vehicles_of(db: Session, driver_id: str) -> list[Vehicle]:
-    return list(db.scalars(select(Vehicle).where(Vehicle.driver_id == driver_id)
-                           .order_by(Vehicle.created_at)))
+    return list(
+        db.scalars(
+            select(Vehicle).where(Vehicle.driver_id == driver_id).order_by(Vehicle.created_at)
+        )
+    )
 
 
 def arrears_fen(db: Session, driver_id: str) -> int:
-    return db.scalar(select(func.coalesce(func.sum(Charge.amount_fen), 0)).where(
-        Charge.driver_id == driver_id, Charge.status == ChargeStatus.declined)) or 0
+    return (
+        db.scalar(
+            select(func.coalesce(func.sum(Charge.amount_fen), 0)).where(
+                Charge.driver_id == driver_id, Charge.status == ChargeStatus.declined
+            )
+        )
+        or 0
+    )
 
 
 def postpay_status(db: Session, settings: Settings, driver_id: str) -> PostpayStatus:
@@ -132,8 +162,11 @@ def postpay_status(db: Session, settings: Settings, driver_id: str) -> PostpaySt
     owed = arrears_fen(db, driver_id)
     if owed > settings.arrears_limit_fen:
         return PostpayStatus.suspended
-    oldest = db.scalar(select(func.min(Charge.exited_at)).where(
-        Charge.driver_id == driver_id, Charge.status == ChargeStatus.declined))
+    oldest = db.scalar(
+        select(func.min(Charge.exited_at)).where(
+            Charge.driver_id == driver_id, Charge.status == ChargeStatus.declined
+        )
+    )
     if oldest is not None and oldest < utcnow() - timedelta(days=settings.arrears_grace_days):
         return PostpayStatus.suspended
     return PostpayStatus.active
@@ -143,18 +176,25 @@ def publish_account_state(db: Session, settings: Settings, driver: Driver) -> No
     driver.state_version += 1
     db.flush()
     data = AccountUpdated(
-        driver_id=driver.id, version=driver.state_version,
+        driver_id=driver.id,
+        version=driver.state_version,
         postpay=postpay_status(db, settings, driver.id),
-        vehicles=[VehicleRef(plate=v.plate, plate_color=v.plate_color)
-                  for v in vehicles_of(db, driver.id)],
+        vehicles=[
+            VehicleRef(plate=v.plate, plate_color=v.plate_color) for v in vehicles_of(db, driver.id)
+        ],
     )
-    enqueue(db, source=SOURCE, topic=ACCOUNT_EVENTS, key=driver.id,
-            event=new_event(EventType.account_updated, source=SOURCE, data=data,
-                            subject=driver.id))
+    enqueue(
+        db,
+        source=SOURCE,
+        topic=ACCOUNT_EVENTS,
+        key=driver.id,
+        event=new_event(EventType.account_updated, source=SOURCE, data=data, subject=driver.id),
+    )
 
 
-def add_vehicle(db: Session, settings: Settings, driver_id: str, plate_raw: str,
-                color_raw: str) -> Vehicle:
+def add_vehicle(
+    db: Session, settings: Settings, driver_id: str, plate_raw: str, color_raw: str
+) -> Vehicle:
     plate = normalize_plate(plate_raw)
     color = parse_plate_color(color_raw).value
     holder = db.scalar(select(Vehicle).where(Vehicle.plate == plate, Vehicle.plate_color == color))
@@ -181,8 +221,14 @@ def remove_vehicle(db: Session, settings: Settings, driver_id: str, vehicle_id: 
     publish_account_state(db, settings, get_driver(db, driver_id))
 
 
-def bind_account(db: Session, settings: Settings, providers: dict[str, PaymentProvider],
-                 driver_id: str, provider_name: str, agreement_no: str) -> PaymentAccount:
+def bind_account(
+    db: Session,
+    settings: Settings,
+    providers: dict[str, PaymentProvider],
+    driver_id: str,
+    provider_name: str,
+    agreement_no: str,
+) -> PaymentAccount:
     provider = providers.get(provider_name)
     if provider is None:
         raise ProviderUnknown(f"provider must be one of: {', '.join(sorted(providers))}")
@@ -194,9 +240,12 @@ def bind_account(db: Session, settings: Settings, providers: dict[str, PaymentPr
         raise AgreementInvalid(f"Agreement {agreement_no!r} is unknown or not active")
     account = db.get(PaymentAccount, driver_id)
     if account is None:
-        account = PaymentAccount(driver_id=driver_id, provider=provider_name,
-                                 agreement_no=agreement_no,
-                                 masked_account=agreement.masked_account)
+        account = PaymentAccount(
+            driver_id=driver_id,
+            provider=provider_name,
+            agreement_no=agreement_no,
+            masked_account=agreement.masked_account,
+        )
         db.add(account)
     else:  # binding a new account replaces the old one
         account.provider = provider_name
@@ -219,5 +268,11 @@ def unbind_account(db: Session, settings: Settings, driver_id: str) -> None:
 
 
 def sms_for(db: Session, phone: str) -> list[SmsMessage]:
-    return list(db.scalars(select(SmsMessage).where(SmsMessage.phone == normalize_phone(phone))
-                           .order_by(SmsMessage.sent_at.desc()).limit(50)))
+    return list(
+        db.scalars(
+            select(SmsMessage)
+            .where(SmsMessage.phone == normalize_phone(phone))
+            .order_by(SmsMessage.sent_at.desc())
+            .limit(50)
+        )
+    )

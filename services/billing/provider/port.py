@@ -42,8 +42,9 @@ class PaymentProvider(Protocol):
 
     def get_agreement(self, agreement_no: str) -> Agreement | None: ...
 
-    def charge(self, *, agreement_no: str, out_trade_no: str, amount_fen: int,
-               description: str) -> ChargeResult: ...
+    def charge(
+        self, *, agreement_no: str, out_trade_no: str, amount_fen: int, description: str
+    ) -> ChargeResult: ...
 
     def query(self, out_trade_no: str) -> ChargeResult | None:
         """The outcome of an earlier charge request, or None if the provider never saw it."""

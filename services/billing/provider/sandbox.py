@@ -19,10 +19,12 @@ from services.billing.provider.port import (
 class SandboxProvider:
     name = "sandbox"
 
-    def __init__(self, base_url: str, *, timeout: float = 3.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
-                                 transport=transport)
+    def __init__(
+        self, base_url: str, *, timeout: float = 3.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport
+        )
 
     def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:
         try:
@@ -50,14 +52,26 @@ class SandboxProvider:
         if response.status_code == 404:
             return None
         body = response.json()
-        return Agreement(agreement_no=body["agreement_no"], holder=body["holder"],
-                         masked_account=body["masked_account"], active=body["status"] == "active")
+        return Agreement(
+            agreement_no=body["agreement_no"],
+            holder=body["holder"],
+            masked_account=body["masked_account"],
+            active=body["status"] == "active",
+        )
 
-    def charge(self, *, agreement_no: str, out_trade_no: str, amount_fen: int,
-               description: str) -> ChargeResult:
-        response = self._send("POST", "/v1/charges", json={
-            "agreement_no": agreement_no, "out_trade_no": out_trade_no,
-            "amount_fen": amount_fen, "description": description})
+    def charge(
+        self, *, agreement_no: str, out_trade_no: str, amount_fen: int, description: str
+    ) -> ChargeResult:
+        response = self._send(
+            "POST",
+            "/v1/charges",
+            json={
+                "agreement_no": agreement_no,
+                "out_trade_no": out_trade_no,
+                "amount_fen": amount_fen,
+                "description": description,
+            },
+        )
         if response.status_code >= 400 and response.status_code != 402:
             raise ProviderUnavailable(f"charge refused: {response.status_code} {response.text}")
         return self._result(response.json())

@@ -52,27 +52,42 @@ def _verify(rt: Runtime, method: str, url: str, headers: dict[str, str], body: b
         resolved[key_id] = info = _resolve(rt, key_id)
         return load_public_key(str(info["public_key_pem"])) if info else None
 
-    verified = verify_request(method=method, url=url, headers=headers, body=body,
-                              resolve_key=resolve_key, now=time.time(),
-                              max_skew_s=rt.settings.signature_max_skew_s)
+    verified = verify_request(
+        method=method,
+        url=url,
+        headers=headers,
+        body=body,
+        resolve_key=resolve_key,
+        now=time.time(),
+        max_skew_s=rt.settings.signature_max_skew_s,
+    )
     window = 2 * rt.settings.signature_max_skew_s + 60
-    if not rt.redis.set(f"citypark:gw:nonce:{verified.key_id}:{verified.nonce}", 1, nx=True,
-                        ex=window):
+    if not rt.redis.set(
+        f"citypark:gw:nonce:{verified.key_id}:{verified.nonce}", 1, nx=True, ex=window
+    ):
         raise NonceReused("This signature was already used; sign every request afresh")
     info = resolved[verified.key_id]
     assert info is not None
-    return Caller(key_id=verified.key_id, kind=str(info["kind"]), district=str(info["district"]),
-                  lot_id=info.get("lot_id"), lot_code=info.get("lot_code"),  # type: ignore[arg-type]
-                  operator_id=info.get("operator_id"),  # type: ignore[arg-type]
-                  postpay_enabled=bool(info.get("postpay_enabled")))
+    return Caller(
+        key_id=verified.key_id,
+        kind=str(info["kind"]),
+        district=str(info["district"]),
+        lot_id=info.get("lot_id"),
+        lot_code=info.get("lot_code"),  # type: ignore[arg-type]
+        operator_id=info.get("operator_id"),  # type: ignore[arg-type]
+        postpay_enabled=bool(info.get("postpay_enabled")),
+    )
 
 
 async def verify_signature(request: Request) -> Caller:
     body = await request.body()
     raw_path = request.scope.get("raw_path") or request.url.path.encode()
     query = request.scope.get("query_string", b"")
-    url = "http://gateway" + raw_path.decode("latin-1") + (
-        "?" + query.decode("latin-1") if query else "")
+    url = (
+        "http://gateway"
+        + raw_path.decode("latin-1")
+        + ("?" + query.decode("latin-1") if query else "")
+    )
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
     rt: Runtime = request.app.state.runtime
     return await run_in_threadpool(_verify, rt, request.method, url, headers, body)

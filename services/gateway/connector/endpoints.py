@@ -33,8 +33,9 @@ from shared.runtime import Runtime
 
 router = APIRouter(prefix="/v1/connector", tags=["connector (car parks)"])
 
-SIGNED = problem_responses(SignatureMissing, SignatureInvalid, KeyUnknown, SignatureExpired,
-                           NonceReused, DigestMismatch)
+SIGNED = problem_responses(
+    SignatureMissing, SignatureInvalid, KeyUnknown, SignatureExpired, NonceReused, DigestMismatch
+)
 EVENT_ERRORS = problem_responses(PlateInvalid, PlateColorInvalid, service.OccurredAtOutOfRange)
 
 
@@ -42,8 +43,12 @@ def _rt(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-@router.post("/entries", status_code=status.HTTP_202_ACCEPTED, response_model=EntryOut,
-             responses={**SIGNED, **EVENT_ERRORS})
+@router.post(
+    "/entries",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=EntryOut,
+    responses={**SIGNED, **EVENT_ERRORS},
+)
 async def report_entry(data: EntryIn, caller: LotAuth, request: Request) -> EntryOut:
     """A vehicle entered. Durable once answered; a repeated `event_id` answers `duplicate`."""
     rt = _rt(request)
@@ -77,17 +82,21 @@ async def report_exit(data: ExitIn, caller: LotAuth, request: Request) -> ExitOu
 async def report_batch(data: BatchIn, caller: LotAuth, request: Request) -> BatchOut:
     """Up to 500 entries/exits at once (replay after an outage); one result per item."""
     results = await run_in_threadpool(service.batch, _rt(request), caller, data.events)
-    return BatchOut(accepted=sum(r.status == "accepted" for r in results),
-                    duplicates=sum(r.status == "duplicate" for r in results),
-                    rejected=sum(r.status == "rejected" for r in results), results=results)
+    return BatchOut(
+        accepted=sum(r.status == "accepted" for r in results),
+        duplicates=sum(r.status == "duplicate" for r in results),
+        rejected=sum(r.status == "rejected" for r in results),
+        results=results,
+    )
 
 
 @router.post("/heartbeats", responses=SIGNED)
 async def heartbeat(data: HeartbeatIn, caller: LotAuth, request: Request) -> dict[str, str]:
     """Free spaces now (feeds the drivers' map) and the SDK version."""
     rt = _rt(request)
-    await run_in_threadpool(rt.lots_client.call, "POST",
-                            f"/internal/lots/{caller.lot_id}/heartbeat", data.model_dump())
+    await run_in_threadpool(
+        rt.lots_client.call, "POST", f"/internal/lots/{caller.lot_id}/heartbeat", data.model_dump()
+    )
     return {"status": "ok"}
 
 

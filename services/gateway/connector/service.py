@@ -28,8 +28,9 @@ log = structlog.get_logger(__name__)
 SOURCE = "gateway"
 ANSWER_TTL_S = 8 * 24 * 3600  # replays come up to 7 days late
 
-OccurredAtOutOfRange = problem(422, "occurred_at_out_of_range",
-                               "occurred_at is more than 7 days past or 5 minutes ahead")
+OccurredAtOutOfRange = problem(
+    422, "occurred_at_out_of_range", "occurred_at is more than 7 days past or 5 minutes ahead"
+)
 OccurredAtNaive = problem(422, "occurred_at_invalid", "occurred_at needs a UTC offset")
 
 
@@ -38,7 +39,8 @@ def _check_time(rt: Runtime, at: datetime) -> None:
         raise OccurredAtNaive("Send RFC 3339 with an offset, e.g. 2026-11-25T08:10:00+08:00")
     now = utcnow()
     if at < now - timedelta(seconds=rt.settings.occurred_at_max_past_s) or at > now + timedelta(
-            seconds=rt.settings.occurred_at_max_future_s):
+        seconds=rt.settings.occurred_at_max_future_s
+    ):
         raise OccurredAtOutOfRange(f"occurred_at {at.isoformat()} is outside the accepted window")
 
 
@@ -51,21 +53,35 @@ def _remembered(rt: Runtime, lot_id: str, event_id: str) -> dict[str, Any] | Non
     return json.loads(raw) if raw else None
 
 
-def _lot_event(caller: Caller, kind: Kind, data: EntryIn | ExitIn, plate: str, color: str,
-               **extra: Any) -> LotEvent:
-    assert caller.lot_id and caller.lot_code and caller.operator_id
-    return LotEvent(event_id=str(data.event_id), kind=kind, lot_id=caller.lot_id,
-                    lot_code=caller.lot_code, district=caller.district,
-                    operator_id=caller.operator_id, plate=plate, plate_color=color,
-                    occurred_at=data.occurred_at, received_at=utcnow(), lane=data.lane or None,
-                    **extra)
+def _lot_event(
+    caller: Caller, kind: Kind, data: EntryIn | ExitIn, plate: str, color: str, **extra: Any
+) -> LotEvent:
+    assert caller.lot_id
+    assert caller.lot_code
+    assert caller.operator_id
+    return LotEvent(
+        event_id=str(data.event_id),
+        kind=kind,
+        lot_id=caller.lot_id,
+        lot_code=caller.lot_code,
+        district=caller.district,
+        operator_id=caller.operator_id,
+        plate=plate,
+        plate_color=color,
+        occurred_at=data.occurred_at,
+        received_at=utcnow(),
+        lane=data.lane or None,
+        **extra,
+    )
 
 
 def _cloud(e: LotEvent) -> tuple[str, str, Any]:
     type_ = EventType.connector_entry if e.kind is Kind.entry else EventType.connector_exit
-    return (lot_events(e.district), e.lot_id,
-            new_event(type_, source=SOURCE, data=e, subject=e.lot_id,
-                      id_=f"{e.lot_id}/{e.event_id}"))
+    return (
+        lot_events(e.district),
+        e.lot_id,
+        new_event(type_, source=SOURCE, data=e, subject=e.lot_id, id_=f"{e.lot_id}/{e.event_id}"),
+    )
 
 
 def prepare_entry(rt: Runtime, caller: Caller, data: EntryIn) -> tuple[EntryOut, LotEvent | None]:
@@ -76,8 +92,9 @@ def prepare_entry(rt: Runtime, caller: Caller, data: EntryIn) -> tuple[EntryOut,
     color = parse_plate_color(data.plate_color).value
     _check_time(rt, data.occurred_at)
     driver_id = state.driver_of(rt.redis, plate, color)
-    event = _lot_event(caller, Kind.entry, data, plate, color, vehicle_type=data.vehicle_type,
-                       driver_id=driver_id)
+    event = _lot_event(
+        caller, Kind.entry, data, plate, color, vehicle_type=data.vehicle_type, driver_id=driver_id
+    )
     return EntryOut(event_id=str(data.event_id), status="accepted"), event
 
 
@@ -88,13 +105,26 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
     plate = normalize_plate(data.plate)
     color = parse_plate_color(data.plate_color).value
     _check_time(rt, data.occurred_at)
-    answer = state.decide(rt.redis, plate=plate, color=color,
-                          postpay_enabled=caller.postpay_enabled)
+    answer = state.decide(
+        rt.redis, plate=plate, color=color, postpay_enabled=caller.postpay_enabled
+    )
     open_id = rt.redis.get(f"{state.P}open:{caller.lot_id}:{state.vehicle_key(plate, color)}")
-    event = _lot_event(caller, Kind.exit, data, plate, color, decision=answer.decision,
-                       reason=answer.reason, driver_id=answer.driver_id)
-    out = ExitOut(event_id=str(data.event_id), decision=answer.decision, reason=answer.reason,
-                  session_id=str(open_id) if open_id else None)
+    event = _lot_event(
+        caller,
+        Kind.exit,
+        data,
+        plate,
+        color,
+        decision=answer.decision,
+        reason=answer.reason,
+        driver_id=answer.driver_id,
+    )
+    out = ExitOut(
+        event_id=str(data.event_id),
+        decision=answer.decision,
+        reason=answer.reason,
+        session_id=str(open_id) if open_id else None,
+    )
     return out, event
 
 
@@ -113,8 +143,12 @@ def publish(rt: Runtime, accepted: list[tuple[EntryOut | ExitOut, LotEvent]]) ->
             pipe.delete(open_key)
     pipe.execute()
     for answer, e in accepted:
-        log.info(f"connector.{e.kind.value}", lot=e.lot_code, event_id=e.event_id,
-                 decision=getattr(answer, "decision", None))
+        log.info(
+            f"connector.{e.kind.value}",
+            lot=e.lot_code,
+            event_id=e.event_id,
+            decision=getattr(answer, "decision", None),
+        )
 
 
 def batch(rt: Runtime, caller: Caller, items: list[dict[str, object]]) -> list[BatchItemOut]:
@@ -134,21 +168,38 @@ def batch(rt: Runtime, caller: Caller, items: list[dict[str, object]]) -> list[B
                 raise _KindInvalid("kind must be 'entry' or 'exit'")
         except ValidationError as exc:
             err = exc.errors()[0]
-            results.append(BatchItemOut(index=index, event_id=event_id, status="rejected",
-                                        code="validation_failed",
-                                        detail=f"{'.'.join(map(str, err['loc']))}: {err['msg']}"))
+            results.append(
+                BatchItemOut(
+                    index=index,
+                    event_id=event_id,
+                    status="rejected",
+                    code="validation_failed",
+                    detail=f"{'.'.join(map(str, err['loc']))}: {err['msg']}",
+                )
+            )
             continue
         except Problem as exc:
-            results.append(BatchItemOut(index=index, event_id=event_id, status="rejected",
-                                        code=exc.code, detail=exc.detail))
+            results.append(
+                BatchItemOut(
+                    index=index,
+                    event_id=event_id,
+                    status="rejected",
+                    code=exc.code,
+                    detail=exc.detail,
+                )
+            )
             continue
         if event is not None and event.event_id in seen_ids:
             out.status = "duplicate"
             event = None
-        item = BatchItemOut(index=index, event_id=out.event_id, status=out.status,
-                            decision=getattr(out, "decision", None),
-                            reason=getattr(out, "reason", None),
-                            session_id=getattr(out, "session_id", None))
+        item = BatchItemOut(
+            index=index,
+            event_id=out.event_id,
+            status=out.status,
+            decision=getattr(out, "decision", None),
+            reason=getattr(out, "reason", None),
+            session_id=getattr(out, "session_id", None),
+        )
         results.append(item)
         if event is not None:
             seen_ids.add(event.event_id)

@@ -23,7 +23,9 @@ CANONICAL = {
 }
 
 
-def to_parking_event(message: Message, dialect: str = "canonical") -> tuple[EventType, ParkingEvent]:
+def to_parking_event(
+    message: Message, dialect: str = "canonical"
+) -> tuple[EventType, ParkingEvent]:
     target = CANONICAL.get(EventType(message.event.type))
     if target is None:
         raise ValueError(f"no canonical form for {message.event.type}")
@@ -39,15 +41,22 @@ def make_handler(rt: Runtime, district: str) -> Handler:
         if parking.district != district:
             raise ValueError(f"event of {parking.district} on the topic of {district}")
         # The same event id downstream: a redelivery here is deduplicated by sessions.
-        rt.bus.publish(PARKING_EVENTS, parking.lot_id,
-                       new_event(target, source=f"district/{district}", data=parking,
-                                 subject=parking.lot_id, id_=message.event.id))
+        rt.bus.publish(
+            PARKING_EVENTS,
+            parking.lot_id,
+            new_event(
+                target,
+                source=f"district/{district}",
+                data=parking,
+                subject=parking.lot_id,
+                id_=message.event.id,
+            ),
+        )
         # Count each event once, however often it is delivered.
         if rt.redis.set(f"{stats}:seen:{message.event.id}", 1, nx=True, ex=STATS_TTL_S):
             rt.redis.hincrby(stats, parking.kind.value, 1)
 
     return handle
-
 
 
 def workers(rt: Runtime, district: str) -> list[Worker]:

@@ -1,0 +1,70 @@
+"""Where the real infrastructure is. `make test` starts it and sets these variables."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Infra:
+    pg_host: str
+    pg_port: int
+    pg_user: str
+    pg_password: str
+    redis_url: str
+    kafka_bootstrap: str
+
+    def database_url(self, dbname: str) -> str:
+        return (
+            f"postgresql+psycopg://{self.pg_user}:{self.pg_password}@{self.pg_host}:"
+            f"{self.pg_port}/{dbname}"
+        )
+
+
+def _infra() -> Infra:
+    url = urlparse(
+        os.environ.get(
+            "CITYPARK_DATABASE_URL",
+            "postgresql+psycopg://citypark:citypark@127.0.0.1:5432/citypark",
+        )
+    )
+    return Infra(
+        pg_host=url.hostname or "127.0.0.1",
+        pg_port=url.port or 5432,
+        pg_user=url.username or "citypark",
+        pg_password=url.password or "citypark",
+        redis_url=os.environ.get("CITYPARK_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        kafka_bootstrap=os.environ.get("CITYPARK_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+    )
+
+
+@pytest.fixture(scope="session")
+def infra() -> Infra:
+    return _infra()
+
+
+@pytest.fixture(scope="session")
+def fresh_database(infra: Infra) -> Iterator[str]:
+    """A database of its own for this test session, dropped afterwards."""
+    from pytest_postgresql.janitor import DatabaseJanitor
+
+    name = f"citypark_test_{secrets.token_hex(4)}"
+    janitor = DatabaseJanitor(
+        user=infra.pg_user,
+        password=infra.pg_password,
+        host=infra.pg_host,
+        port=infra.pg_port,
+        dbname=name,
+        version=15,
+    )
+    janitor.init()
+    try:
+        yield infra.database_url(name)
+    finally:
+        janitor.drop()

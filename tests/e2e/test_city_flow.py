@@ -1,0 +1,339 @@
+"""One parking through every layer, each part its own process, on real Kafka/PostgreSQL/Redis:
+admin → driver → connector (signed) → gateway → district adapter → sessions → billing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from citypark_connector import ConnectorClient, generate_keypair, sign_request
+
+from services.lots.schemas import EXAMPLE_TARIFF
+from tests.e2e.conftest import City
+
+pytestmark = pytest.mark.e2e
+
+
+def eventually(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < end:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"{what} not reached in {timeout_s}s (last: {last!r})")
+
+
+def sign_in(http: httpx.Client, admin: dict[str, str], phone: str) -> dict[str, str]:
+    assert http.post("/v1/auth/otp", json={"phone": phone}).status_code == 202
+    sms = http.get("/v1/admin/sandbox/sms", params={"phone": phone}, headers=admin).json()
+    code = re.search(r"\b(\d{6})\b", sms[0]["body"]).group(1)  # type: ignore[union-attr]
+    answer = http.post("/v1/auth/token", json={"phone": phone, "code": code})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["token_type"] == "bearer"
+    assert body["expires_in"] > 0
+    return {"Authorization": f"Bearer {body['access_token']}"}
+
+
+def test_postpay_parking_flows_through_the_city(city: City) -> None:
+    http = httpx.Client(base_url=city.gateway, timeout=20)
+    admin = {"Authorization": f"Bearer {city.admin_token()}"}
+
+    # City ops onboard an operator and a car park with its connector key and tariff.
+    operator = http.post(
+        "/v1/admin/operators",
+        headers=admin,
+        json={"name": "姑苏停车", "commission_bps": 600, "settlement_account": "6222000011112222"},
+    )
+    assert operator.status_code == 201, operator.text
+    private_pem, public_pem = generate_keypair()
+    key_id = f"e2e-{uuid.uuid4().hex[:8]}"
+    lot = http.post(
+        "/v1/admin/lots",
+        headers=admin,
+        json={
+            "code": f"E2E-{uuid.uuid4().hex[:6]}",
+            "name": "观前街停车场",
+            "district": "gusu",
+            "operator_id": operator.json()["id"],
+            "capacity": 300,
+            "location": {"lat": 31.3101, "lng": 120.6205},
+            "postpay_enabled": True,
+            "public_keys": [{"key_id": key_id, "public_key_pem": public_pem}],
+            "tariff": EXAMPLE_TARIFF,
+        },
+    )
+    assert lot.status_code == 201, lot.text
+    lot_id = lot.json()["id"]
+
+    # A driver signs in, binds a sandbox withholding agreement and registers a plate.
+    me = sign_in(http, admin, "13912345678")
+    agreement = httpx.post(
+        f"{city.sandbox}/v1/agreements",
+        json={"holder": "张三", "balance_fen": 100_000, "behaviour": "ok"},
+    )
+    assert agreement.status_code == 201
+    bound = http.put(
+        "/v1/me/account",
+        headers=me,
+        json={"provider": "sandbox", "agreement_no": agreement.json()["agreement_no"]},
+    )
+    assert bound.status_code == 200, bound.text
+    vehicle = http.post(
+        "/v1/me/vehicles", headers=me, json={"plate": "苏e·12345", "plate_color": "blue"}
+    )
+    assert vehicle.status_code == 201, vehicle.text
+    assert vehicle.json()["plate"] == "苏E12345"
+    profile = http.get("/v1/me", headers=me).json()
+    assert profile["postpay"] == "active"
+    assert profile["phone"] == "139****5678"
+
+    connector = ConnectorClient(key_id, private_pem, base_url=city.gateway)
+    plate_hash = hashlib.sha256(b"\xe8\x8b\x8fE12345:blue").hexdigest()
+    eventually(
+        lambda: (
+            plate_hash
+            in http.send(
+                sign_request(
+                    http.build_request("GET", "/v1/connector/eligibility"), key_id, private_pem
+                )
+            )
+            .json()
+            .get("vehicles", [])
+        ),
+        what="the gate knowing the driver",
+    )
+
+    # The car parks for 2 h 10 min, then leaves first and pays afterwards.
+    exited = datetime.now(UTC).replace(microsecond=0)
+    entered = exited - timedelta(minutes=130)
+    entry = connector.report_entry(
+        plate="苏E12345", plate_color="blue", vehicle_type="small", lane="E1", occurred_at=entered
+    )
+    assert entry.status == "accepted"
+    exit_id = str(uuid.uuid4())
+    body = {
+        "event_id": exit_id,
+        "plate": "苏E12345",
+        "plate_color": "blue",
+        "occurred_at": exited.isoformat(),
+        "lane": "X1",
+    }
+    exit_request = sign_request(
+        http.build_request("POST", "/v1/connector/exits", json=body), key_id, private_pem
+    )
+    gate = http.send(exit_request)
+    assert gate.status_code == 200, gate.text
+    decision = gate.json()
+    assert decision["decision"] == "postpay"
+    assert decision["session_id"]
+
+    # The very same signed request again is a replay: refused.
+    replay = http.send(exit_request)
+    assert replay.status_code == 401
+    assert replay.headers["content-type"].startswith("application/problem+json")
+    assert replay.json()["code"] == "nonce_reused"
+
+    # The same exit event, signed afresh, is a duplicate: same answer, charged once.
+    again = http.send(
+        sign_request(
+            http.build_request("POST", "/v1/connector/exits", json=body), key_id, private_pem
+        )
+    )
+    assert again.status_code == 200
+    assert again.json()["decision"] == "postpay"
+    assert again.json()["session_id"] == decision["session_id"]
+
+    quote = http.post(
+        "/v1/quotes",
+        json={
+            "lot_id": lot_id,
+            "entered_at": entered.isoformat(),
+            "exited_at": exited.isoformat(),
+            "vehicle_type": "small",
+            "plate_color": "blue",
+        },
+    )
+    assert quote.status_code == 200
+    expected_fee = quote.json()["fee_fen"]
+    assert expected_fee == 500 + 3 * 150  # first hour, then three started half hours
+
+    charges = eventually(
+        lambda: [
+            c for c in http.get("/v1/me/charges", headers=me).json() if c["status"] == "captured"
+        ],
+        what="a captured charge",
+    )
+    time.sleep(2)  # give a wrongly duplicated charge the time to show up
+    all_charges = http.get("/v1/me/charges", headers=me).json()
+    assert len(all_charges) == 1
+    assert charges[0]["amount_fen"] == expected_fee
+    assert charges[0]["session_id"] == decision["session_id"]
+
+    sessions = http.get("/v1/me/sessions", headers=me).json()["items"]
+    assert [s["id"] for s in sessions] == [decision["session_id"]]
+    assert sessions[0]["status"] == "closed"
+    assert sessions[0]["decision"] == "postpay"
+
+    # Another driver cannot see it.
+    other = sign_in(http, admin, "13700001111")
+    assert http.get(f"/v1/me/sessions/{decision['session_id']}", headers=other).status_code == 404
+    assert http.get("/v1/me/charges", headers=other).json() == []
+
+    ledger = http.get("/v1/admin/ledger/check", headers=admin).json()
+    assert ledger == {"balanced": True, "sum_fen": 0, "journals": 1, "unbalanced_journals": []}
+
+    # A stranger's car pays on site.
+    stranger = connector.report_exit(plate="苏A88888", plate_color="blue", lane="X1")
+    assert (stranger.decision, stranger.reason) == ("pay_on_site", "not_enrolled")
+
+
+def test_bad_input_answers_problems_never_500(city: City) -> None:
+    http = httpx.Client(base_url=city.gateway, timeout=20)
+    admin = {"Authorization": f"Bearer {city.admin_token()}"}
+    cases: list[tuple[str, str, dict[str, str], Any, int, str]] = [
+        ("POST", "/v1/auth/otp", {}, {"phone": "12"}, 422, "phone_invalid"),
+        ("POST", "/v1/auth/otp", {}, "not json", 422, "json_invalid"),
+        ("GET", "/v1/me", {}, None, 401, "unauthorized"),
+        ("GET", "/v1/me", {"Authorization": "Bearer nope"}, None, 401, "unauthorized"),
+        ("POST", "/v1/admin/operators", {}, {"name": "x"}, 401, "unauthorized"),
+        ("POST", "/v1/admin/operators", admin, {"name": "x"}, 422, "validation_failed"),
+        ("POST", "/v1/admin/lots", admin, {"code": "x"}, 422, "validation_failed"),
+        ("GET", "/v1/lots", {}, None, 422, "validation_failed"),
+        ("GET", "/v1/lots?near=abc", {}, None, 422, "validation_failed"),
+        (
+            "POST",
+            "/v1/quotes",
+            {},
+            {
+                "lot_id": "nope",
+                "entered_at": "2026-01-01T00:00:00Z",
+                "exited_at": "2026-01-01T01:00:00Z",
+            },
+            404,
+            "lot_unknown",
+        ),
+        ("POST", "/v1/connector/entries", {}, {"plate": "x"}, 401, "signature_missing"),
+        ("GET", "/v1/nothing-here", {}, None, 404, "not_found"),
+        ("GET", "/internal/lots/keys/x", {}, None, 404, "not_found"),
+    ]
+    for method, path, headers, payload, status, code in cases:
+        kwargs: dict[str, Any] = {"headers": headers}
+        if isinstance(payload, str):
+            kwargs["content"] = payload
+            kwargs["headers"] = {**headers, "content-type": "application/json"}
+        elif payload is not None:
+            kwargs["json"] = payload
+        answer = http.request(method, path, **kwargs)
+        assert answer.status_code == status, (path, answer.text)
+        assert answer.headers["content-type"].startswith("application/problem+json"), path
+        assert answer.json()["code"] == code, (path, answer.json())
+
+
+def test_signed_bad_events_are_rejected_with_codes(city: City) -> None:
+    http = httpx.Client(base_url=city.gateway, timeout=20)
+    admin = {"Authorization": f"Bearer {city.admin_token()}"}
+    operator = http.post(
+        "/v1/admin/operators",
+        headers=admin,
+        json={"name": "op", "commission_bps": 0, "settlement_account": "1"},
+    ).json()
+    private_pem, public_pem = generate_keypair()
+    key_id = f"bad-{uuid.uuid4().hex[:8]}"
+    created = http.post(
+        "/v1/admin/lots",
+        headers=admin,
+        json={
+            "code": f"BAD-{uuid.uuid4().hex[:6]}",
+            "name": "n",
+            "district": "sip",
+            "operator_id": operator["id"],
+            "capacity": 10,
+            "location": {"lat": 31.3, "lng": 120.7},
+            "public_keys": [{"key_id": key_id, "public_key_pem": public_pem}],
+            "tariff": EXAMPLE_TARIFF,
+        },
+    )
+    assert created.status_code == 201
+
+    def send(path: str, payload: dict[str, Any]) -> httpx.Response:
+        return http.send(
+            sign_request(http.build_request("POST", path, json=payload), key_id, private_pem)
+        )
+
+    now = datetime.now(UTC)
+    base = {"event_id": str(uuid.uuid4()), "plate_color": "blue", "lane": "E1"}
+    bad_plate = send(
+        "/v1/connector/entries", {**base, "plate": "苏EO1234", "occurred_at": now.isoformat()}
+    )
+    assert (bad_plate.status_code, bad_plate.json()["code"]) == (422, "plate_invalid")
+    too_old = send(
+        "/v1/connector/entries",
+        {**base, "plate": "苏E12345", "occurred_at": (now - timedelta(days=8)).isoformat()},
+    )
+    assert (too_old.status_code, too_old.json()["code"]) == (422, "occurred_at_out_of_range")
+
+    forged = sign_request(
+        http.build_request(
+            "POST",
+            "/v1/connector/entries",
+            json={**base, "plate": "苏E12345", "occurred_at": now.isoformat()},
+        ),
+        "no-such-key",
+        private_pem,
+    )
+    answer = http.send(forged)
+    assert (answer.status_code, answer.json()["code"]) == (401, "key_unknown")
+
+    tampered = sign_request(
+        http.build_request(
+            "POST",
+            "/v1/connector/entries",
+            json={**base, "plate": "苏E12345", "occurred_at": now.isoformat()},
+        ),
+        key_id,
+        private_pem,
+    )
+    tampered_body = json.dumps({**base, "plate": "苏E99999", "occurred_at": now.isoformat()})
+    answer = http.post(
+        "/v1/connector/entries",
+        content=tampered_body,
+        headers={k: v for k, v in tampered.headers.items() if k.lower() != "content-length"},
+    )
+    assert (answer.status_code, answer.json()["code"]) == (401, "digest_mismatch")
+
+    batch = send(
+        "/v1/connector/batches",
+        {
+            "events": [
+                {
+                    "kind": "entry",
+                    **base,
+                    "event_id": str(uuid.uuid4()),
+                    "plate": "苏E22222",
+                    "occurred_at": now.isoformat(),
+                },
+                {
+                    "kind": "entry",
+                    **base,
+                    "event_id": str(uuid.uuid4()),
+                    "plate": "bad",
+                    "occurred_at": now.isoformat(),
+                },
+                {"kind": "teleport", "event_id": str(uuid.uuid4())},
+            ]
+        },
+    )
+    assert batch.status_code == 200, batch.text
+    assert [r["status"] for r in batch.json()["results"]] == ["accepted", "rejected", "rejected"]
+    assert batch.json()["results"][1]["code"] == "plate_invalid"
