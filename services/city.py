@@ -20,6 +20,7 @@ from services.lots.models import District
 from services.paysandbox.main import part as paysandbox
 from services.sessions.main import part as sessions
 from shared.bus.migrations_path import BUS_MIGRATIONS
+from shared import idempotency
 from shared.http import make_app
 from shared.migrate import upgrade
 from shared.runtime import Part, Runtime, Worker, attach
@@ -94,6 +95,8 @@ def build_app(
     app = make_app(title, DESCRIPTION)
     app.router.lifespan_context = lifespan
     attach(app, rt)
+    if not forward:  # behind the gateway's proxy the owning service keeps the answers
+        idempotency.install(app)
     for part in parts:
         for router in part.routers:
             app.include_router(router)

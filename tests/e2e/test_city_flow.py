@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from services.lots.schemas import EXAMPLE_TARIFF
 from tests.e2e.conftest import City
 
 pytestmark = pytest.mark.e2e
+SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
 def eventually(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
@@ -115,7 +117,10 @@ def test_postpay_parking_flows_through_the_city(city: City) -> None:
     )
 
     # The car parks for 2 h 10 min, then leaves first and pays afterwards.
-    exited = datetime.now(UTC).replace(microsecond=0)
+    # Yesterday 08:00–10:10 in Suzhou (day period), reported now: a replay-style late report.
+    exited = (datetime.now(SHANGHAI) - timedelta(days=1)).replace(
+        hour=10, minute=10, second=0, microsecond=0
+    )
     entered = exited - timedelta(minutes=130)
     entry = connector.report_entry(
         plate="苏E12345", plate_color="blue", vehicle_type="small", lane="E1", occurred_at=entered

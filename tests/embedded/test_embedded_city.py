@@ -1,0 +1,180 @@
+"""The embedded default (`make run`): the same code on SQLite, the log table and an in-process
+Redis, in one app. The whole flow, plus what only a single app can show cheaply."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from citypark_connector import ConnectorClient, generate_keypair
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from services import city
+from services.billing.provider.sandbox import SandboxProvider
+from services.lots.schemas import EXAMPLE_TARIFF
+from shared.internal import InternalClient
+from shared.settings import Settings
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    db = tmp_path_factory.mktemp("embedded") / "city.db"
+    settings = Settings(
+        database_url=f"sqlite:///{db}",
+        jwt_secret=SecretStr("embedded-test-secret-of-32-bytes!"),
+        paysandbox_url="http://testserver/sandbox/pay",
+    )
+    app, rt = city.embedded(settings)
+    with TestClient(app) as tc:
+        # Internal calls of the one app go through the test transport, not a socket.
+        rt.lots_client = InternalClient("http://testserver", rt.secret, transport=tc._transport)
+        rt.providers["sandbox"] = SandboxProvider(
+            "http://testserver/sandbox/pay", transport=tc._transport
+        )
+        yield tc
+
+
+def admin_headers(client: TestClient) -> dict[str, str]:
+    from services.gateway import admin_tokens
+    from shared.auth import Role
+    from shared.db import transaction
+
+    rt = client.app.state.runtime  # type: ignore[attr-defined]
+    with transaction(rt.sessionmaker) as db:
+        token = admin_tokens.create(db, rt.secret, Role.admin)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def wait_for(check, timeout_s: float = 20):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if result := check():
+            return result
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
+
+
+def test_whole_flow_on_the_embedded_default(client: TestClient, tmp_path: Path) -> None:
+    admin = admin_headers(client)
+    op = client.post(
+        "/v1/admin/operators",
+        headers=admin,
+        json={"name": "o", "commission_bps": 500, "settlement_account": "x"},
+    ).json()
+    private_pem, public_pem = generate_keypair()
+    lot = client.post(
+        "/v1/admin/lots",
+        headers=admin,
+        json={
+            "code": "EMB-1",
+            "name": "n",
+            "district": "wuzhong",
+            "operator_id": op["id"],
+            "capacity": 50,
+            "location": {"lat": 31.26, "lng": 120.63},
+            "public_keys": [{"key_id": "emb-1", "public_key_pem": public_pem}],
+            "tariff": EXAMPLE_TARIFF,
+        },
+    )
+    assert lot.status_code == 201, lot.text
+
+    client.post("/v1/auth/otp", json={"phone": "13800000001"})
+    sms = client.get("/v1/admin/sandbox/sms", params={"phone": "13800000001"}, headers=admin).json()
+    code = re.search(r"\d{6}", sms[0]["body"]).group(0)  # type: ignore[union-attr]
+    assert (
+        client.post(
+            "/v1/auth/token",
+            json={"phone": "13800000001", "code": "000000" if code != "000000" else "111111"},
+        ).json()["code"]
+        == "otp_invalid"
+    )
+    token = client.post("/v1/auth/token", json={"phone": "13800000001", "code": code}).json()
+    me = {"Authorization": f"Bearer {token['access_token']}"}
+    # single use
+    assert (
+        client.post("/v1/auth/token", json={"phone": "13800000001", "code": code}).status_code
+        == 401
+    )
+    agreement = client.post(
+        "/sandbox/pay/v1/agreements", json={"holder": "h", "balance_fen": 10_000}
+    ).json()["agreement_no"]
+    assert (
+        client.put(
+            "/v1/me/account", headers=me, json={"provider": "sandbox", "agreement_no": agreement}
+        ).status_code
+        == 200
+    )
+    assert (
+        client.put(
+            "/v1/me/account", headers=me, json={"provider": "sandbox", "agreement_no": "AGR-nope"}
+        ).json()["code"]
+        == "agreement_invalid"
+    )
+    first = client.post(
+        "/v1/me/vehicles",
+        headers={**me, "Idempotency-Key": "v-1"},
+        json={"plate": "苏E55555", "plate_color": "blue"},
+    )
+    replay = client.post(
+        "/v1/me/vehicles",
+        headers={**me, "Idempotency-Key": "v-1"},
+        json={"plate": "苏E55555", "plate_color": "blue"},
+    )
+    assert first.status_code == replay.status_code == 201
+    assert replay.json() == first.json()
+    assert replay.headers["idempotent-replayed"] == "true"
+    reused = client.post(
+        "/v1/me/vehicles",
+        headers={**me, "Idempotency-Key": "v-1"},
+        json={"plate": "苏E66666", "plate_color": "blue"},
+    )
+    assert reused.json()["code"] == "idempotency_key_reused"
+
+    connector = ConnectorClient(
+        "emb-1", private_pem, base_url="http://testserver", transport=client._transport
+    )
+    wait_for(lambda: client.get("/v1/me", headers=me).json()["postpay"] == "active")
+    # Yesterday 09:00–10:01 in Suzhou: the day period, first hour + one half hour.
+    now = (datetime.now(SHANGHAI) - timedelta(days=1)).replace(
+        hour=10, minute=1, second=0, microsecond=0
+    )
+    connector.report_entry(
+        plate="苏E55555",
+        plate_color="blue",
+        vehicle_type="small",
+        lane="E",
+        occurred_at=now - timedelta(minutes=61),
+    )
+    decision = wait_for(
+        lambda: (
+            (
+                r := connector.report_exit(
+                    plate="苏E55555",
+                    plate_color="blue",
+                    lane="X",
+                    occurred_at=now,
+                    event_id=str(uuid.UUID(int=1)),
+                )
+            ).decision
+            == "postpay"
+            and r
+        )
+    )
+    assert decision.session_id
+    charges = wait_for(
+        lambda: [
+            c for c in client.get("/v1/me/charges", headers=me).json() if c["status"] == "captured"
+        ]
+    )
+    assert [c["amount_fen"] for c in charges] == [650]
+    sessions = client.get("/v1/me/sessions", headers=me).json()["items"]
+    assert [s["id"] for s in sessions] == [decision.session_id]
