@@ -19,8 +19,8 @@ from services.lots.main import part as lots
 from services.lots.models import District
 from services.paysandbox.main import part as paysandbox
 from services.sessions.main import part as sessions
-from shared.bus.migrations_path import BUS_MIGRATIONS
 from shared import idempotency
+from shared.bus.migrations_path import BUS_MIGRATIONS
 from shared.http import make_app
 from shared.migrate import upgrade
 from shared.runtime import Part, Runtime, Worker, attach
