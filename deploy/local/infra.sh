@@ -193,7 +193,7 @@ pg_up() {
     say "postgres: initialised $PG_DATA"
   fi
   pg_write_conf
-  as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t "$TIMEOUT" -s start >/dev/null 2>&1 ||
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t "$TIMEOUT" -s start >/dev/null 2>&1 9>&- ||
     fail_with_log "postgres: did not start within ${TIMEOUT}s" "$PG_LOG"
   wait_for pg_ready "$PG_PORT" || fail_with_log "postgres: not accepting connections on $PG_PORT" "$PG_LOG"
   pg_ensure_db
@@ -276,7 +276,7 @@ redis_up() {
   fi
   echo "$REDIS_PORT" >"$REDIS_DIR/port"
   redis-server --port "$REDIS_PORT" --bind "$HOST" --protected-mode yes --save "" --appendonly no \
-    --daemonize yes --dir "$REDIS_DIR" --pidfile "$REDIS_PIDFILE" --logfile "$REDIS_LOG" ||
+    --daemonize yes --dir "$REDIS_DIR" --pidfile "$REDIS_PIDFILE" --logfile "$REDIS_LOG" 9>&- ||
     fail_with_log "redis: redis-server failed" "$REDIS_LOG"
   wait_for redis_ping "$REDIS_PORT" || fail_with_log "redis: no PONG on $REDIS_PORT within ${TIMEOUT}s" "$REDIS_LOG"
   say "redis: started on $HOST:$REDIS_PORT ($(took "$t"))"
@@ -390,7 +390,7 @@ kafka_up() {
   setsid java -Xms256m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
     -Djava.awt.headless=true -Dlog4j2.configurationFile="$HERE/kafka/log4j2.properties" \
     -Dkafka.logs.dir="$K_LOGS" -cp "$K_LIBS/*" kafka.Kafka "$K_CONF" \
-    </dev/null >>"$K_LOGS/stdout.log" 2>&1 &
+    </dev/null >>"$K_LOGS/stdout.log" 2>&1 9>&- &
   pid=$!
   echo "$pid" >"$K_PIDFILE"
   kafka_wait_ready "$pid"
@@ -430,7 +430,7 @@ kafka_status() {
 }
 
 # ---------------------------------------------------------------- main
-lock() { # one infra.sh at a time per checkout
+lock() { # one infra.sh at a time per checkout (servers are started with 9>&-, not holding it)
   exec 9>"$LOCAL/.infra.lock"
   flock -w 300 9 || die "infra: another infra.sh holds $LOCAL/.infra.lock"
 }

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.paysandbox.models import Agreement, SandboxCharge
 from shared.deps import DbSession
-from shared.errors import NotFound, UpstreamUnavailable, problem
+from shared.errors import NotFound, problem
+from shared.http import problem_response
 from shared.timeutil import utcnow
 
 router = APIRouter(prefix="/v1", tags=["payment sandbox"])
@@ -133,7 +134,9 @@ def create_charge(
         raise AgreementUnknown()
     a.calls += 1
     if a.behaviour == Behaviour.flaky and a.calls % 2 == 1:
-        raise UpstreamUnavailable("sandbox: flaky agreement refused this call")
+        # Answered, not raised: the call counter must survive the refusal.
+        return problem_response(503, "upstream_unavailable", "Temporarily unavailable",
+                                "sandbox: flaky agreement refused this call")
     existing = db.get(SandboxCharge, data.out_trade_no)
     if existing is not None and existing.status == "captured":
         return _charge_out(existing)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import Index, String
+from sqlalchemy import Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import make_base, new_id
@@ -37,8 +37,8 @@ class ParkingSession(Base):
     vehicle_type: Mapped[str] = mapped_column(String(10))
     driver_id: Mapped[str | None] = mapped_column(String(36), default=None)
     status: Mapped[SessionStatus] = mapped_column(String(12), default=SessionStatus.open)
-    entry_event_id: Mapped[str] = mapped_column(String(64), unique=True)
-    exit_event_id: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
+    entry_event_id: Mapped[str] = mapped_column(String(100), unique=True)  # "<lot>/<event>"
+    exit_event_id: Mapped[str | None] = mapped_column(String(100), unique=True, default=None)
     entered_at: Mapped[datetime]
     exited_at: Mapped[datetime | None] = mapped_column(default=None)
     entry_lane: Mapped[str | None] = mapped_column(String(40), default=None)
@@ -55,10 +55,10 @@ class UnmatchedExit(Base):
     __tablename__ = "sessions_unmatched_exit"
     __table_args__ = (Index("ix_sessions_unmatched_vehicle", "lot_id", "plate", "plate_color"),)
 
-    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(100), primary_key=True)
     lot_id: Mapped[str] = mapped_column(String(36))
     plate: Mapped[str] = mapped_column(String(16))
     plate_color: Mapped[str] = mapped_column(String(10))
     occurred_at: Mapped[datetime]
-    payload: Mapped[str] = mapped_column(String(4000))
+    payload: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)

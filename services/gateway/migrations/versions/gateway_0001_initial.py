@@ -2,13 +2,14 @@
 
 Revision ID: gateway_0001
 Revises:
-Create Date: 2026-11-25 14:05:41.306078
+Create Date: 2026-11-25 14:17:44.733211
 """
 
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+
 from sqlalchemy import Text  # noqa: F401  (autogenerate renders JSONB with it)
 from sqlalchemy.dialects import postgresql  # noqa: F401
 

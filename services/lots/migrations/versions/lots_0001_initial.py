@@ -2,17 +2,19 @@
 
 Revision ID: lots_0001
 Revises:
-Create Date: 2026-11-25 14:05:41.329816
+Create Date: 2026-11-25 14:17:44.769090
 """
 
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy import Text
-from sqlalchemy.dialects import postgresql
+
+from sqlalchemy import Text  # noqa: F401  (autogenerate renders JSONB with it)
+from sqlalchemy.dialects import postgresql  # noqa: F401
 
 import shared.db
+from sqlalchemy.dialects import postgresql
 
 revision: str = "lots_0001"
 down_revision: str | None = None

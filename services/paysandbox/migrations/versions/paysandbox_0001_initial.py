@@ -2,13 +2,14 @@
 
 Revision ID: paysandbox_0001
 Revises:
-Create Date: 2026-11-25 14:05:41.464656
+Create Date: 2026-11-25 14:17:44.986507
 """
 
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+
 from sqlalchemy import Text  # noqa: F401  (autogenerate renders JSONB with it)
 from sqlalchemy.dialects import postgresql  # noqa: F401
 

@@ -2,13 +2,14 @@
 
 Revision ID: sessions_0001
 Revises:
-Create Date: 2026-11-25 14:05:41.369804
+Create Date: 2026-11-25 14:17:44.825103
 """
 
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+
 from sqlalchemy import Text  # noqa: F401  (autogenerate renders JSONB with it)
 from sqlalchemy.dialects import postgresql  # noqa: F401
 
@@ -34,8 +35,8 @@ def upgrade() -> None:
         sa.Column("vehicle_type", sa.String(length=10), nullable=False),
         sa.Column("driver_id", sa.String(length=36), nullable=True),
         sa.Column("status", sa.String(length=12), nullable=False),
-        sa.Column("entry_event_id", sa.String(length=64), nullable=False),
-        sa.Column("exit_event_id", sa.String(length=64), nullable=True),
+        sa.Column("entry_event_id", sa.String(length=100), nullable=False),
+        sa.Column("exit_event_id", sa.String(length=100), nullable=True),
         sa.Column("entered_at", shared.db.UTCDateTime(timezone=True), nullable=False),
         sa.Column("exited_at", shared.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("entry_lane", sa.String(length=40), nullable=True),
@@ -56,12 +57,12 @@ def upgrade() -> None:
 
     op.create_table(
         "sessions_unmatched_exit",
-        sa.Column("event_id", sa.String(length=64), nullable=False),
+        sa.Column("event_id", sa.String(length=100), nullable=False),
         sa.Column("lot_id", sa.String(length=36), nullable=False),
         sa.Column("plate", sa.String(length=16), nullable=False),
         sa.Column("plate_color", sa.String(length=10), nullable=False),
         sa.Column("occurred_at", shared.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("payload", sa.String(length=4000), nullable=False),
+        sa.Column("payload", sa.Text(), nullable=False),
         sa.Column("received_at", shared.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("event_id", name=op.f("pk_sessions_unmatched_exit")),
     )
