@@ -19,13 +19,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `shared`
 
 
+def _say(msg: str, err: bool = False) -> None:
+    (sys.stderr if err else sys.stdout).write(msg + "\n")
+
+
 def _default_bootstrap() -> str:
     if os.environ.get("CITYPARK_KAFKA_BOOTSTRAP"):
         return os.environ["CITYPARK_KAFKA_BOOTSTRAP"]
     return "127.0.0.1:" + os.environ.get("CITYPARK_KAFKA_PORT", "9092")
 
 
-def _admin(bootstrap: str, timeout_ms: int):  # noqa: ANN202 - kafka-python is untyped
+def _admin(bootstrap: str, timeout_ms: int):
     from kafka import KafkaAdminClient
 
     return KafkaAdminClient(
@@ -43,8 +47,8 @@ def probe(bootstrap: str) -> int:
             admin.describe_cluster()
         finally:
             admin.close()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
-        print(f"kafka not ready: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:  # any failure means "not ready yet"
+        _say(f"kafka not ready: {type(exc).__name__}: {exc}", err=True)
         return 1
     return 0
 
@@ -68,10 +72,10 @@ def create(bootstrap: str, partitions: int, replication: int, timeout_s: float) 
             for topic in result["topics"]:
                 err = for_code(topic["error_code"])
                 if topic["error_code"] and err is not TopicAlreadyExistsError:
-                    print(
+                    _say(
                         f"kafka: creating {topic['name']} failed: {err.__name__}: "
                         f"{topic.get('error_message')}",
-                        file=sys.stderr,
+                        err=True,
                     )
                     return 1
         admin.wait_for_topics(wanted, timeout_ms=int(timeout_s * 1000))
@@ -80,7 +84,7 @@ def create(bootstrap: str, partitions: int, replication: int, timeout_s: float) 
         admin.close()
     odd = sorted(t for t, n in counts.items() if n != partitions)
     note = f"; kept as they are: {', '.join(f'{t}={counts[t]}' for t in odd)}" if odd else ""
-    print(
+    _say(
         f"kafka: topics ready: {len(wanted)} ({len(missing)} created, {partitions} partitions, "
         f"replication {replication}){note}"
     )
@@ -105,9 +109,9 @@ def main() -> int:
     while True:  # a Job may start before the broker: retry until the deadline
         try:
             return create(args.bootstrap, args.partitions, args.replication, args.timeout)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if time.monotonic() - started > args.timeout:
-                print(f"kafka: topics not created: {type(exc).__name__}: {exc}", file=sys.stderr)
+                _say(f"kafka: topics not created: {type(exc).__name__}: {exc}", err=True)
                 return 1
             time.sleep(1)
 

@@ -52,7 +52,8 @@ fail_with_log() { # message, log file...
   exit 1
 }
 port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
-pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+# alive = exists and is not a zombie (an exited daemon stays one until PID 1 reaps it)
+pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null && [[ $(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1) != Z ]]; }
 read_pid() { [[ -s $1 ]] && head -n1 "$1" | tr -dc 0-9 || true; }
 # poll CMD every 0.2 s until it succeeds or TIMEOUT seconds pass (never a fixed sleep)
 wait_for() {
