@@ -14,7 +14,6 @@ from typing import Protocol
 
 import structlog
 from pydantic import ValidationError
-from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,13 +36,13 @@ class Subscription(Protocol):
 def first_time(db: Session, consumer: str, event_id: str) -> bool:
     """Record that `consumer` saw `event_id`; False when it had already (a redelivery)."""
     values = {"consumer": consumer, "event_id": event_id}
-    if db.get_bind().dialect.name == "postgresql":
-        stmt = postgresql.insert(InboxRow).values(values).on_conflict_do_nothing()
-    elif db.get_bind().dialect.name == "sqlite":
-        stmt = sqlite.insert(InboxRow).values(values).on_conflict_do_nothing()
-    else:  # pragma: no cover - only the two backends above are supported
-        stmt = insert(InboxRow).values(values)
-    return db.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    dialect = db.get_bind().dialect.name
+    if dialect not in ("postgresql", "sqlite"):
+        raise NotImplementedError(f"inbox on {dialect}")
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    # RETURNING tells reliably whether the row went in (rowcount does not, on every driver).
+    stmt = insert(InboxRow).values(values).on_conflict_do_nothing().returning(InboxRow.event_id)
+    return db.execute(stmt).scalar() is not None
 
 
 def idempotent(

@@ -4,6 +4,7 @@ lots and the payment sandbox — on the real PostgreSQL, Redis and Kafka."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,7 +61,10 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, deadline_s
 def city(
     infra: Infra, fresh_database: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[City]:
-    logs = tmp_path_factory.mktemp("city-logs")
+    # Kept under .local so that a failed run can be read afterwards.
+    logs = ROOT / ".local" / "e2e-logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
     env = {
         **os.environ,
         "CITYPARK_DATABASE_URL": fresh_database,
@@ -68,7 +72,7 @@ def city(
         "CITYPARK_KAFKA_BOOTSTRAP": infra.kafka_bootstrap,
         "CITYPARK_BUS": "kafka",
         "CITYPARK_CACHE": "redis",
-        "CITYPARK_JWT_SECRET": "e2e-" + os.urandom(8).hex(),
+        "CITYPARK_JWT_SECRET": "e2e-" + os.urandom(16).hex(),
         "CITYPARK_LOTS_URL": f"http://127.0.0.1:{PORTS['lots']}",
         "CITYPARK_SESSIONS_URL": f"http://127.0.0.1:{PORTS['sessions']}",
         "CITYPARK_BILLING_URL": f"http://127.0.0.1:{PORTS['billing']}",

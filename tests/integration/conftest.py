@@ -34,7 +34,7 @@ def settings(infra: Infra, fresh_database: str) -> Settings:
         kafka_bootstrap=infra.kafka_bootstrap,
         bus=BusKind.kafka,
         cache=CacheKind.redis,
-        jwt_secret=SecretStr("integration-secret"),
+        jwt_secret=SecretStr("integration-secret-long-enough-for-hs256"),
         paysandbox_url=f"http://127.0.0.1:{SANDBOX_PORT}",
     )
     city.migrate(s)
