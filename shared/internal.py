@@ -35,7 +35,7 @@ class InternalClient:
     @retry(
         retry=retry_if_exception_type(httpx.TransportError),
         stop=stop_after_attempt(3),
-        wait=wait_exponential_jitter(initial=0.05, max=1.0),
+        wait=wait_exponential_jitter(max=1.0, jitter=0.1),
         reraise=True,
     )
     def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:

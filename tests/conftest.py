@@ -61,7 +61,6 @@ def fresh_database(infra: Infra) -> Iterator[str]:
         host=infra.pg_host,
         port=infra.pg_port,
         dbname=name,
-        version=15,
     )
     janitor.init()
     try:

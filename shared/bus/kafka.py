@@ -4,14 +4,28 @@ with manual commits after processing."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.serializer import Serializer
 from kafka.structs import OffsetAndMetadata
 
 from shared.bus.port import Message
 from shared.events import CloudEvent
 
 SEND_TIMEOUT_S = 15.0
+
+
+class _KeySerializer(Serializer):
+    def serialize(self, topic: str, headers: list[tuple[str, bytes]], data: Any) -> bytes:
+        return str(data).encode()
+
+
+class _EventSerializer(Serializer):
+    """CloudEvents structured mode: the whole envelope is the record value, as JSON."""
+
+    def serialize(self, topic: str, headers: list[tuple[str, bytes]], data: Any) -> bytes:
+        return data.to_json()  # type: ignore[no-any-return]
 
 
 class KafkaBus:
@@ -24,8 +38,8 @@ class KafkaBus:
             linger_ms=2,
             retries=5,
             max_in_flight_requests_per_connection=5,
-            key_serializer=str.encode,
-            value_serializer=lambda e: e.to_json(),
+            key_serializer=_KeySerializer(),
+            value_serializer=_EventSerializer(),
         )
 
     def publish(self, topic: str, key: str, event: CloudEvent) -> None:
