@@ -28,6 +28,7 @@ class Runtime:
     source: str  # the service name, used as CloudEvents `source` and outbox owner
     # Adapters a service plugs in at start-up (e.g. billing's payment providers).
     providers: dict[str, Any] = field(default_factory=dict)
+    internal_clients: dict[str, InternalClient] = field(default_factory=dict)
 
     @cached_property
     def engine(self) -> Engine:
@@ -49,9 +50,13 @@ class Runtime:
 
         return make_bus(self.settings, self.sessionmaker, self.source)
 
-    @cached_property
-    def lots_client(self) -> InternalClient:
-        return InternalClient(self.settings.lots_url, self.secret)
+    def internal(self, service: str) -> InternalClient:
+        """A client for another service's internal API (`lots`, `sessions`, `billing`)."""
+        client = self.internal_clients.get(service)
+        if client is None:
+            url = getattr(self.settings, f"{service}_url")
+            client = self.internal_clients[service] = InternalClient(url, self.secret)
+        return client
 
     @property
     def secret(self) -> str:

@@ -21,7 +21,9 @@ GROUP = "citypark-billing"
 
 def workers(rt: Runtime) -> list[Worker]:
     def handle(db: Session, message: Message) -> None:
-        charges.open_charge(db, rt.lots_client, SessionClosed.model_validate(message.event.data))
+        charges.open_charge(
+            db, rt.internal("lots"), SessionClosed.model_validate(message.event.data)
+        )
 
     def consume(stop: threading.Event) -> None:
         sub = make_subscription(rt.settings, rt.sessionmaker, GROUP, [SESSIONS_CLOSED])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
@@ -25,7 +26,7 @@ from services.billing.driver.schemas import (
 )
 from services.billing.ledger import service as ledger
 from services.billing.provider.port import PaymentProvider
-from shared.auth import AdminAuth, DriverAuth, FinanceAuth, issue_driver_token
+from shared.auth import AdminAuth, DriverAuth, FinanceAuth, InternalAuth, issue_driver_token
 from shared.deps import DbSession
 from shared.errors import PROBLEM_CONTENT_TYPE, NotFound, PlateInvalid
 from shared.http import problem_responses
@@ -35,6 +36,7 @@ from shared.settings import Settings
 auth = APIRouter(prefix="/v1/auth", tags=["driver: sign-in"])
 me = APIRouter(prefix="/v1/me", tags=["driver: account"])
 admin = APIRouter(prefix="/v1/admin", tags=["admin: billing"])
+internal = APIRouter(prefix="/internal/billing", include_in_schema=False)
 
 
 def _settings(request: Request) -> Settings:
@@ -207,3 +209,8 @@ def ledger_check(_: FinanceAuth, db: DbSession) -> LedgerCheck:
     return LedgerCheck(
         balanced=balanced, sum_fen=total, journals=journals, unbalanced_journals=unbalanced
     )
+
+
+@internal.get("/stats")
+def stats(_: InternalAuth, db: DbSession, since: datetime) -> dict[str, int]:
+    return charges.stats(db, since)

@@ -15,7 +15,7 @@ def _plug_providers(rt: Runtime) -> None:
 
 part = Part(
     name="billing",
-    routers=[endpoints.auth, endpoints.me, endpoints.admin],
+    routers=[endpoints.auth, endpoints.me, endpoints.admin, endpoints.internal],
     workers=consumers.workers,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_billing"),
     on_startup=_plug_providers,

@@ -29,6 +29,7 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
     table = [
         ("/v1/me/sessions", settings.sessions_url),
         ("/v1/admin/sessions", settings.sessions_url),
+        ("/v1/admin/charges", settings.billing_url),
         ("/v1/me", settings.billing_url),
         ("/v1/auth", settings.billing_url),
         ("/v1/admin/sandbox", settings.billing_url),

@@ -214,3 +214,8 @@ def price(lot_id: str, data: QuoteRequest, db: DbSession, _: InternalAuth) -> Pr
 @internal.post("/{lot_id}/heartbeat", status_code=status.HTTP_204_NO_CONTENT)
 def heartbeat(lot_id: str, beat: HeartbeatIn, db: DbSession, _: InternalAuth) -> None:
     service.record_heartbeat(db, lot_id, beat)
+
+
+@internal.get("/stats")
+def stats(db: DbSession, _: InternalAuth) -> dict[str, int]:
+    return service.stats(db)

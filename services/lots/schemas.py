@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 EXAMPLE_TARIFF: dict[str, Any] = {
     "time_zone": "Asia/Shanghai",
@@ -116,7 +116,7 @@ class LotOut(BaseModel):
 
 
 class TariffUpdate(Strict):
-    effective_from: datetime
+    effective_from: AwareDatetime
     tariff: dict[str, Any] = Field(examples=[EXAMPLE_TARIFF])
 
 
@@ -149,8 +149,8 @@ class DistrictOut(BaseModel):
 
 class QuoteRequest(Strict):
     lot_id: str
-    entered_at: datetime = Field(examples=["2026-11-25T08:10:00+08:00"])
-    exited_at: datetime = Field(examples=["2026-11-25T10:45:00+08:00"])
+    entered_at: AwareDatetime = Field(examples=["2026-11-25T08:10:00+08:00"])
+    exited_at: AwareDatetime = Field(examples=["2026-11-25T10:45:00+08:00"])
     vehicle_type: str = Field(default="small", examples=["small"])
     plate_color: str = Field(default="blue", examples=["blue"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -36,7 +36,9 @@ TooManyKeys = problem(409, "too_many_keys", "A holder has at most two active key
 KeyUnknownHere = problem(404, "key_unknown", "No such key on this holder")
 DialectUnknown = problem(422, "dialect_unknown", "Unknown district dialect")
 
+StayTooLong = problem(422, "stay_too_long", "A stay longer than a year cannot be quoted")
 DIALECTS = ("canonical", "legacy-json", "xml", "csv")
+MAX_STAY = timedelta(days=366)
 MAX_KEYS = 2
 
 
@@ -231,6 +233,8 @@ def price(
     plate_color: str,
 ) -> tuple[Lot, int, list[dict[str, Any]]]:
     lot = get_lot(db, lot_id)
+    if exited_at - entered_at > MAX_STAY:
+        raise StayTooLong(f"{entered_at.isoformat()} → {exited_at.isoformat()}")
     result = quote(
         tariff_at(db, lot_id, entered_at), entered_at, exited_at, vehicle_type, plate_color
     )
@@ -310,3 +314,18 @@ def tariff_summary(doc: dict[str, Any] | None) -> str:
     if small.get("daily_cap_fen"):
         parts.append(f"daily cap {format_yuan(small['daily_cap_fen'])}")
     return "; ".join(parts)
+
+
+def stats(db: Session) -> dict[str, int]:
+    def count(model: type) -> int:
+        return int(db.scalar(select(func.count()).select_from(model)) or 0)
+
+    return {
+        "districts": count(District),
+        "operators": count(Operator),
+        "lots_connected": count(Lot),
+        "capacity": int(db.scalar(select(func.coalesce(func.sum(Lot.capacity), 0))) or 0),
+        "free_spaces_reported": int(
+            db.scalar(select(func.coalesce(func.sum(Lot.free_spaces), 0))) or 0
+        ),
+    }

@@ -135,8 +135,12 @@ def create_charge(
     a.calls += 1
     if a.behaviour == Behaviour.flaky and a.calls % 2 == 1:
         # Answered, not raised: the call counter must survive the refusal.
-        return problem_response(503, "upstream_unavailable", "Temporarily unavailable",
-                                "sandbox: flaky agreement refused this call")
+        return problem_response(
+            503,
+            "upstream_unavailable",
+            "Temporarily unavailable",
+            "sandbox: flaky agreement refused this call",
+        )
     existing = db.get(SandboxCharge, data.out_trade_no)
     if existing is not None and existing.status == "captured":
         return _charge_out(existing)

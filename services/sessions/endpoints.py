@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -7,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from services.sessions import service
 from services.sessions.models import ParkingSession, SessionStatus
 from services.sessions.schemas import AdminSessionOut, SessionOut, SessionPage
-from shared.auth import DriverAuth, ViewerAuth
+from shared.auth import DriverAuth, InternalAuth, ViewerAuth
 from shared.deps import DbSession
 from shared.errors import NotFound
 from shared.http import problem_responses
@@ -17,10 +18,11 @@ from shared.timeutil import utcnow
 
 driver = APIRouter(prefix="/v1/me", tags=["driver: parkings"])
 admin = APIRouter(prefix="/v1/admin", tags=["admin: parkings"])
+internal = APIRouter(prefix="/internal/sessions", include_in_schema=False)
 
 
 def _fee_so_far(request: Request, s: ParkingSession) -> int | None:
-    lots: InternalClient = request.app.state.runtime.lots_client
+    lots: InternalClient = request.app.state.runtime.internal("lots")
     try:
         answer = lots.call(
             "POST",
@@ -80,3 +82,8 @@ def search_sessions(
         plate=normalize_plate(plate) if plate else None, lot_id=lot_id, status=status, limit=limit
     )
     return [AdminSessionOut.model_validate(s, from_attributes=True) for s in rows]
+
+
+@internal.get("/stats")
+def stats(_: InternalAuth, db: DbSession, since: datetime) -> dict[str, int]:
+    return service.stats(db, since)

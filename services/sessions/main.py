@@ -9,7 +9,7 @@ from shared.runtime import Migrations, Part
 
 part = Part(
     name="sessions",
-    routers=[endpoints.driver, endpoints.admin],
+    routers=[endpoints.driver, endpoints.admin, endpoints.internal],
     workers=consumers.workers,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_sessions"),
 )

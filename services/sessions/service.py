@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import structlog
-from sqlalchemy import select, tuple_
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from services.sessions.models import ParkingSession, SessionStatus, UnmatchedExit
@@ -230,3 +230,18 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(at), sid
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationFailed("cursor is not valid", code_hint="cursor_invalid") from exc
+
+
+def stats(db: Session, since: datetime) -> dict[str, int]:
+    def count(*where: object) -> int:
+        q = select(func.count()).select_from(ParkingSession).where(*where)  # type: ignore[arg-type]
+        return int(db.scalar(q) or 0)
+
+    return {
+        "parkings_served": count(ParkingSession.status == SessionStatus.closed),
+        "open_now": count(ParkingSession.status == SessionStatus.open),
+        "parkings_since": count(
+            ParkingSession.status == SessionStatus.closed, ParkingSession.exited_at >= since
+        ),
+        "postpay_parkings": count(ParkingSession.decision == "postpay"),
+    }

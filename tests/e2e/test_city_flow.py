@@ -198,6 +198,14 @@ def test_postpay_parking_flows_through_the_city(city: City) -> None:
     ledger = http.get("/v1/admin/ledger/check", headers=admin).json()
     assert ledger == {"balanced": True, "sum_fen": 0, "journals": 1, "unbalanced_journals": []}
 
+    stats = http.get("/v1/admin/stats", headers=admin, params={"days": 7}).json()
+    assert stats["lots_connected"] >= 1
+    assert stats["districts"] == 10
+    assert stats["parkings_served"] >= 1
+    assert stats["captured_fen"] >= expected_fee
+    assert stats["growth"]["period_days"] == 7
+    assert http.get("/v1/admin/stats", headers=me).json()["code"] == "forbidden"
+
     # A stranger's car pays on site.
     stranger = connector.report_exit(plate="苏A88888", plate_color="blue", lane="X1")
     assert (stranger.decision, stranger.reason) == ("pay_on_site", "not_enrolled")

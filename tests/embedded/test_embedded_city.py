@@ -39,7 +39,10 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     app, rt = city.embedded(settings)
     with TestClient(app) as tc:
         # Internal calls of the one app go through the test transport, not a socket.
-        rt.lots_client = InternalClient("http://testserver", rt.secret, transport=tc._transport)
+        for service in ("lots", "sessions", "billing"):
+            rt.internal_clients[service] = InternalClient(
+                "http://testserver", rt.secret, transport=tc._transport
+            )
         rt.providers["sandbox"] = SandboxProvider(
             "http://testserver/sandbox/pay", transport=tc._transport
         )
@@ -173,3 +176,8 @@ def test_whole_flow_on_the_embedded_default(client: TestClient, tmp_path: Path) 
     assert [c["amount_fen"] for c in charges] == [650]
     sessions = client.get("/v1/me/sessions", headers=me).json()["items"]
     assert [s["id"] for s in sessions] == [decision.session_id]
+    stats = client.get("/v1/admin/stats", headers=admin).json()
+    assert (stats["lots_connected"], stats["parkings_served"], stats["captured_fen"]) == (1, 1, 650)
+    console = client.get("/console")
+    assert console.status_code == 200
+    assert "/v1/admin/stats" in console.text

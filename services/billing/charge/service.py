@@ -12,16 +12,16 @@ always carries the charge id as `out_trade_no`, so a resend can never take money
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.billing.charge.models import Charge, ChargeStatus
 from services.billing.driver import service as drivers
-from services.billing.driver.models import PaymentAccount
+from services.billing.driver.models import Driver, PaymentAccount
 from services.billing.ledger import service as ledger
 from services.billing.provider.port import (
     ChargeResult,
@@ -253,3 +253,22 @@ def get_charge_for(db: Session, driver_id: str, charge_id: str) -> Charge:
     if charge is None or charge.driver_id != driver_id:
         raise NotFound("No such charge")
     return charge
+
+
+def stats(db: Session, since: datetime) -> dict[str, int]:
+    def scalar(q: Any) -> int:
+        return int(db.scalar(q) or 0)
+
+    captured = Charge.status == ChargeStatus.captured
+    amount = select(func.coalesce(func.sum(Charge.amount_fen), 0))
+    return {
+        "registered_drivers": scalar(select(func.count()).select_from(Driver)),
+        "new_drivers_since": scalar(
+            select(func.count()).select_from(Driver).where(Driver.created_at >= since)
+        ),
+        "enrolled_drivers": scalar(select(func.count()).select_from(PaymentAccount)),
+        "charges_captured": scalar(select(func.count()).select_from(Charge).where(captured)),
+        "captured_fen": scalar(amount.where(captured)),
+        "captured_fen_since": scalar(amount.where(captured, Charge.captured_at >= since)),
+        "arrears_fen": scalar(amount.where(Charge.status == ChargeStatus.declined)),
+    }

@@ -38,7 +38,7 @@ def _resolve(rt: Runtime, key_id: str) -> dict[str, object] | None:
     if cached is not None:
         return json.loads(cached) or None  # type: ignore[no-any-return]
     try:
-        found = rt.lots_client.call("GET", f"/internal/lots/keys/{key_id}")
+        found = rt.internal("lots").call("GET", f"/internal/lots/keys/{key_id}")
     except NotFound:
         found = None
     rt.redis.set(cache_key, json.dumps(found or {}), ex=KEY_CACHE_S)

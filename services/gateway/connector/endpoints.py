@@ -95,7 +95,10 @@ async def heartbeat(data: HeartbeatIn, caller: LotAuth, request: Request) -> dic
     """Free spaces now (feeds the drivers' map) and the SDK version."""
     rt = _rt(request)
     await run_in_threadpool(
-        rt.lots_client.call, "POST", f"/internal/lots/{caller.lot_id}/heartbeat", data.model_dump()
+        rt.internal("lots").call,
+        "POST",
+        f"/internal/lots/{caller.lot_id}/heartbeat",
+        data.model_dump(),
     )
     return {"status": "ok"}
 

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from shared.events import Decision
 
@@ -18,7 +17,7 @@ class EntryIn(Strict):
     plate: str = Field(max_length=32, examples=["苏E12345"])
     plate_color: str = Field(examples=["blue"])
     vehicle_type: Literal["small", "large"] = "small"
-    occurred_at: datetime = Field(examples=["2026-11-25T08:10:00+08:00"])
+    occurred_at: AwareDatetime = Field(examples=["2026-11-25T08:10:00+08:00"])
     lane: str = Field(default="", max_length=40, examples=["E1"])
 
 
@@ -26,7 +25,7 @@ class ExitIn(Strict):
     event_id: UUID
     plate: str = Field(max_length=32, examples=["苏E12345"])
     plate_color: str = Field(examples=["blue"])
-    occurred_at: datetime = Field(examples=["2026-11-25T10:45:00+08:00"])
+    occurred_at: AwareDatetime = Field(examples=["2026-11-25T10:45:00+08:00"])
     lane: str = Field(default="", max_length=40, examples=["X1"])
 
 

@@ -9,12 +9,10 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-from sqlalchemy import Text  # noqa: F401  (autogenerate renders JSONB with it)
-from sqlalchemy.dialects import postgresql  # noqa: F401
+from sqlalchemy import Text
+from sqlalchemy.dialects import postgresql
 
 import shared.db
-from sqlalchemy.dialects import postgresql
 
 revision: str = "billing_0001"
 down_revision: str | None = None

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
 from sqlalchemy import Text  # noqa: F401  (autogenerate renders JSONB with it)
 from sqlalchemy.dialects import postgresql  # noqa: F401
 
