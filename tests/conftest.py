@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -49,9 +50,9 @@ def infra() -> Infra:
     return _infra()
 
 
-@pytest.fixture(scope="session")
-def fresh_database(infra: Infra) -> Iterator[str]:
-    """A database of its own for this test session, dropped afterwards."""
+@contextmanager
+def scratch_database(infra: Infra) -> Iterator[str]:
+    """A database of its own, dropped afterwards: suites never share state."""
     from pytest_postgresql.janitor import DatabaseJanitor
 
     name = f"citypark_test_{secrets.token_hex(4)}"
@@ -67,3 +68,9 @@ def fresh_database(infra: Infra) -> Iterator[str]:
         yield infra.database_url(name)
     finally:
         janitor.drop()
+
+
+@pytest.fixture(scope="session")
+def fresh_database(infra: Infra) -> Iterator[str]:
+    with scratch_database(infra) as url:
+        yield url

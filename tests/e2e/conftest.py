@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from shared.topics import SUZHOU_DISTRICTS
-from tests.conftest import Infra
+from tests.conftest import Infra, scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 CITYPARK = str(Path(sys.executable).parent / "citypark")
@@ -57,10 +57,13 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, deadline_s
     raise RuntimeError(f"{url} not healthy in {deadline_s}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def city(
-    infra: Infra, fresh_database: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[City]:
+@pytest.fixture(scope="module")
+def city(infra: Infra) -> Iterator[City]:
+    with scratch_database(infra) as database_url:
+        yield from _city(infra, database_url)
+
+
+def _city(infra: Infra, fresh_database: str) -> Iterator[City]:
     # Kept under .local so that a failed run can be read afterwards.
     logs = ROOT / ".local" / "e2e-logs"
     shutil.rmtree(logs, ignore_errors=True)

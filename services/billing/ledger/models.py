@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String
+from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.billing.db import Base
@@ -14,7 +14,8 @@ from shared.timeutil import utcnow
 
 class Journal(Base):
     __tablename__ = "billing_journal"
-    __table_args__ = (Index("ix_billing_journal_ref", "ref_type", "ref_id"),)
+    # One journal of a kind per reference: a capture can never be booked twice.
+    __table_args__ = (UniqueConstraint("kind", "ref_type", "ref_id"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(40))

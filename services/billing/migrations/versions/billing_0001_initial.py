@@ -2,7 +2,7 @@
 
 Revision ID: billing_0001
 Revises:
-Create Date: 2026-11-25 14:17:44.929189
+Create Date: 2026-11-25 14:29:00.127466
 """
 
 from collections.abc import Sequence
@@ -75,10 +75,8 @@ def upgrade() -> None:
         sa.Column("business_date", sa.Date(), nullable=False),
         sa.Column("created_at", shared.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_billing_journal")),
+        sa.UniqueConstraint("kind", "ref_type", "ref_id", name=op.f("uq_billing_journal_kind")),
     )
-    with op.batch_alter_table("billing_journal", schema=None) as batch_op:
-        batch_op.create_index("ix_billing_journal_ref", ["ref_type", "ref_id"], unique=False)
-
     op.create_table(
         "billing_otp",
         sa.Column("id", sa.String(length=36), nullable=False),
@@ -180,9 +178,6 @@ def downgrade() -> None:
         batch_op.drop_index("ix_billing_otp_phone")
 
     op.drop_table("billing_otp")
-    with op.batch_alter_table("billing_journal", schema=None) as batch_op:
-        batch_op.drop_index("ix_billing_journal_ref")
-
     op.drop_table("billing_journal")
     op.drop_table("billing_driver")
     with op.batch_alter_table("billing_charge", schema=None) as batch_op:
