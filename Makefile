@@ -16,7 +16,7 @@ REAL_ENV := CITYPARK_DATABASE_URL=postgresql+psycopg://citypark:citypark@127.0.0
 	CITYPARK_KAFKA_BOOTSTRAP=127.0.0.1:$(CITYPARK_KAFKA_PORT) \
 	CITYPARK_BUS=kafka CITYPARK_CACHE=redis
 
-.PHONY: help venv run up infra-up infra-down infra-status test test-unit lint format bench clean
+.PHONY: help venv bench-deps run up infra-up infra-down infra-status test test-unit lint format bench load clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,25 @@ test: venv ## install, start the infrastructure, run the whole suite, stop it
 
 test-unit: venv ## pure-logic tests only (no infrastructure)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+bench-deps: venv
+	@$(BIN)/python -c "import locust, matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+
+bench: bench-deps ## benchmark on the real topology (QUICK=1: under 3 minutes); reports/ holds the results
+	bash deploy/local/infra.sh up
+	$(BIN)/python -m loadtests.bench $(if $(QUICK),--quick,)
+
+LOAD_SECONDS ?= 60
+LOAD_USERS ?= 30
+LOAD_CLASSES ?= ConnectorUser DriverUser OpsUser
+load: bench-deps ## locust, headless and bounded, against `make up` (http://127.0.0.1:8000)
+	@mkdir -p reports
+	set -a; source deploy/local/real.env; set +a; $(BIN)/python -m loadtests.prepare_load
+	CITYPARK_LOAD_MANIFEST=reports/load-manifest.json \
+	CITYPARK_LOAD_ADMIN_TOKEN=$$(set -a; source deploy/local/real.env; source .env; set +a; $(BIN)/citypark admin token --role admin) \
+	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(LOAD_USERS) -r $(LOAD_USERS) \
+	  -t $(LOAD_SECONDS)s --host http://127.0.0.1:8000 --csv reports/load --html reports/load.html \
+	  --only-summary $(LOAD_CLASSES)
 
 lint: venv ## ruff
 	$(BIN)/ruff check .

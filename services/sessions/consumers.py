@@ -29,7 +29,7 @@ def workers(rt: Runtime) -> list[Worker]:
         ConsumerLoop(
             GROUP,
             sub,
-            idempotent(rt.sessionmaker, GROUP, _handle),
+            idempotent(rt.sessionmaker, GROUP, _handle, batch=True),
             stop=stop,
             dead_letter=dead_letter_to_db(rt.sessionmaker, GROUP),
         ).run()

@@ -45,19 +45,48 @@ def first_time(db: Session, consumer: str, event_id: str) -> bool:
     return db.execute(stmt).scalar() is not None
 
 
+class BatchHandler:
+    """A handler that can also take a whole poll at once (`batch`), for throughput."""
+
+    def __init__(self, one: Handler, batch: Callable[[list[Message]], None]) -> None:
+        self.one = one
+        self.batch = batch
+
+    def __call__(self, message: Message) -> None:
+        self.one(message)
+
+
 def idempotent(
-    factory: sessionmaker[Session], consumer: str, handle: Callable[[Session, Message], None]
+    factory: sessionmaker[Session],
+    consumer: str,
+    handle: Callable[[Session, Message], None],
+    *,
+    batch: bool = False,
 ) -> Handler:
-    """Wrap a handler so each event id is applied once, in the same transaction as its effects."""
+    """Wrap a handler so each event id is applied once, in the same transaction as its effects.
 
-    def run(message: Message) -> None:
+    With `batch=True` a poll's messages are applied in one transaction (one commit per batch,
+    not per event); if any of them fails, the loop falls back to one transaction per message,
+    so a poison message is isolated and the good ones around it still go through. Only for
+    handlers whose every effect is in the database (a retried batch repeats other effects).
+    """
+
+    def apply(db: Session, message: Message) -> None:
+        if not first_time(db, consumer, message.event.id):
+            log.debug("consumer.duplicate", consumer=consumer, event_id=message.event.id)
+            return
+        handle(db, message)
+
+    def one(message: Message) -> None:
         with factory() as db, db.begin():
-            if not first_time(db, consumer, message.event.id):
-                log.debug("consumer.duplicate", consumer=consumer, event_id=message.event.id)
-                return
-            handle(db, message)
+            apply(db, message)
 
-    return run
+    def many(messages: list[Message]) -> None:
+        with factory() as db, db.begin():
+            for message in messages:
+                apply(db, message)
+
+    return BatchHandler(one, many) if batch else one
 
 
 def dead_letter_to_db(factory: sessionmaker[Session], consumer: str) -> DeadLetterSink:
@@ -131,6 +160,23 @@ class ConsumerLoop:
                     return False
                 delay = min(delay * 2, self.max_backoff_s)
 
+    def _handle_all(self, messages: list[Message]) -> list[Message]:
+        """Handle a poll; returns the messages done (a prefix, shorter only when stopping)."""
+        batch = getattr(self.handler, "batch", None)
+        if batch is not None and len(messages) > 1:
+            try:
+                batch(messages)
+                self.handled += len(messages)
+                return messages
+            except Exception as exc:
+                log.info("consumer.batch_fallback", consumer=self.name, error=repr(exc))
+        done: list[Message] = []
+        for message in messages:
+            if not self._handle(message):
+                break
+            done.append(message)
+        return done
+
     def run(self) -> None:
         log.info("consumer.started", consumer=self.name)
         try:
@@ -145,11 +191,7 @@ class ConsumerLoop:
                     if self.idle is not None:
                         self.idle()
                     continue
-                done: list[Message] = []
-                for message in messages:
-                    if not self._handle(message):
-                        break
-                    done.append(message)
+                done = self._handle_all(messages)
                 self.subscription.commit(done)
                 if len(done) < len(messages):
                     self.subscription.rewind()

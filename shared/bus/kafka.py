@@ -46,8 +46,9 @@ class KafkaBus:
         self.publish_many([(topic, key, event)])
 
     def publish_many(self, items: Sequence[tuple[str, str, CloudEvent]]) -> None:
+        # Wait for our own records only (no global flush): concurrent requests share the
+        # producer's batches, and each returns as soon as the broker acknowledged its records.
         futures = [self.producer.send(t, key=k, value=e) for t, k, e in items]
-        self.producer.flush(timeout=SEND_TIMEOUT_S)
         for f in futures:
             f.get(timeout=SEND_TIMEOUT_S)  # raises when the broker did not acknowledge
 
