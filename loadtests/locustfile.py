@@ -64,7 +64,7 @@ class ConnectorUser(FastHttpUser):
             path, data=content, headers=headers, name=name, catch_response=True
         ) as r:
             if r.status_code >= 400:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {(r.text or '')[:200]}")
 
     @tag("connector")
     @task
@@ -124,7 +124,7 @@ class GateUser(FastHttpUser):
             catch_response=True,
         ) as r:
             if r.status_code != 200 or json.loads(r.content)["decision"] != "postpay":
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {(r.text or '')[:200]}")
 
 
 class BaselineUser(FastHttpUser):

@@ -100,8 +100,9 @@ def running_city(
     ports = ports or Ports()
     logs.mkdir(parents=True, exist_ok=True)
     env = {**env, "CITYPARK_LOG_LEVEL": log_level}
-    migrated = subprocess.run([CITYPARK, "migrate"], env=env, cwd=ROOT, capture_output=True,
-                              text=True)
+    migrated = subprocess.run(
+        [CITYPARK, "migrate"], env=env, cwd=ROOT, capture_output=True, text=True
+    )
     if migrated.returncode:
         raise RuntimeError(f"citypark migrate failed:\n{migrated.stderr[-3000:]}")
     topo = Topology(env=env, ports=ports, logs=logs)

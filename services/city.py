@@ -13,8 +13,9 @@ from sqlalchemy import select
 
 from services.billing.main import part as billing
 from services.gateway import proxy
+from services.gateway.docs import install_merged_openapi
 from services.gateway.main import part as gateway
-from services.lots.districts import adapter
+from services.lots.districts import adapter, provision
 from services.lots.main import part as lots
 from services.lots.models import District
 from services.paysandbox.main import part as paysandbox
@@ -122,13 +123,14 @@ def embedded(settings: Settings) -> tuple[FastAPI, Runtime]:
     """The whole city in one process on the embedded default (SQLite, log table, fakeredis)."""
     migrate(settings)
     rt = Runtime(settings, source="city")
+    provision.configure(settings)
     for part in PARTS.values():
         part.on_startup(rt)
     workers: list[Worker] = []
-    for part in (gateway, sessions, billing):
+    for part in (gateway, lots, sessions, billing):
         workers += part.workers(rt)
-    for code in district_codes(rt):
-        workers += adapter.workers(rt, code)
+    # Every district, and any that ops add while the city runs, gets its adapter.
+    workers.append(adapter.every_district(rt))
     app = build_app(
         rt,
         [gateway, lots, sessions, billing],
@@ -142,7 +144,12 @@ def single(settings: Settings, name: str) -> FastAPI:
     """One service as its own process (the real topology)."""
     part = PARTS[name]
     rt = Runtime(settings, source=name)
+    provision.configure(settings)  # a district added here gets its Kafka topic
     part.on_startup(rt)
-    return build_app(
+    app = build_app(
         rt, [part], workers=part.workers(rt), forward=name == "gateway", title=f"CityPark {name}"
     )
+    if name == "gateway":
+        s = rt.settings
+        install_merged_openapi(app, [s.lots_url, s.sessions_url, s.billing_url])
+    return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,6 +19,10 @@ from shared.settings import Settings, get_settings
 app = typer.Typer(help="CityPark — city-wide parking payments.", no_args_is_help=True)
 admin_app = typer.Typer(help="Operations for city ops.", no_args_is_help=True)
 app.add_typer(admin_app, name="admin")
+ledger_app = typer.Typer(help="The double-entry ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+districts_app = typer.Typer(help="District platforms: backfill.", no_args_is_help=True)
+app.add_typer(districts_app, name="districts")
 console = Console(stderr=True)
 
 
@@ -61,11 +66,15 @@ def _serve(application: object, host: str, port: int) -> None:
     )
 
 
-def _run_district(settings: Settings, code: str) -> None:
+def _run_district(settings: Settings, code: str, metrics_port: int | None = None) -> None:
     from services.lots.districts import adapter
     from shared.runtime import Runtime
 
     rt = Runtime(settings, source=f"district-{code}")
+    if metrics_port:  # the adapter has no HTTP API; Prometheus scrapes this port
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=settings.host)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -97,7 +106,7 @@ def run(
         if not district:
             console.print("[red]Name the district, e.g. `citypark run district gusu`[/red]")
             raise typer.Exit(2)
-        _run_district(settings, district)
+        _run_district(settings, district, port)
         return
     listen_host = host or settings.host
     listen_port = port or (
@@ -144,20 +153,131 @@ def admin_token(
     print(token)  # noqa: T201 - the token is the command's output
 
 
+@ledger_app.command("check")
+def ledger_check() -> None:
+    """Prove every journal balances and the whole ledger sums to zero (exit 1 if not)."""
+    settings = _settings()
+    import json
+
+    from services.billing.ledger import service as ledger
+    from shared.db import make_engine, make_sessionmaker
+
+    factory = make_sessionmaker(make_engine(settings.database_url))
+    with factory() as db:
+        balanced, total, journals, unbalanced = ledger.check(db)
+    report = {
+        "balanced": balanced,
+        "sum_fen": total,
+        "journals": journals,
+        "unbalanced_journals": unbalanced,
+    }
+    print(json.dumps(report))  # noqa: T201 - the report is the command's output
+    if not balanced:
+        raise typer.Exit(1)
+
+
 @app.command()
 def simulate(
+    lots: Annotated[int, typer.Option(min=1, help="How many car parks report traffic.")] = 4,
+    rate: Annotated[
+        float, typer.Option(min=0.01, help="Parkings per second at an average hour of the day.")
+    ] = 5.0,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of traffic.")] = 60.0,
+    district: Annotated[
+        str | None, typer.Option(help="Only car parks of this district (e.g. gusu).")
+    ] = None,
     base_url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8000",
     keys_dir: Annotated[
-        str, typer.Option(help="Where the demo lots' keys are.")
+        str, typer.Option(help="Where the demo lots' keys are (`make run` writes them).")
     ] = ".local/demo-keys",
-    parkings: Annotated[int, typer.Option(help="How many parkings to drive.")] = 50,
-    rate: Annotated[float, typer.Option(help="Parkings started per second.")] = 5.0,
+    enrolled: Annotated[float, typer.Option(help="Share of enrolled drivers.")] = 0.5,
+    invalid: Annotated[float, typer.Option(help="Share of unreadable plates.")] = 0.02,
+    duplicates: Annotated[float, typer.Option(help="Share of entries delivered twice.")] = 0.03,
 ) -> None:
-    """Drive lot traffic through the connector SDK (entries, then exits) against a gateway."""
+    """Drive realistic lot traffic through the connector SDK against a running city.
+
+    Arrivals follow the hour of day, stays last minutes to days; a live line shows progress
+    and a summary follows. Each car park keeps its SDK outbox under `<keys-dir>/outbox`."""
     _settings()
     from services import demo as demo_mod
 
-    demo_mod.simulate_cli(base_url, keys_dir, parkings, rate)
+    try:
+        demo_mod.simulate_cli(
+            base_url,
+            keys_dir,
+            lots=lots,
+            rate=rate,
+            duration=duration,
+            district=district,
+            enrolled_share=enrolled,
+            invalid_share=invalid,
+            duplicate_share=duplicates,
+            console=console,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+
+
+class BackfillDialect(StrEnum):
+    canonical = "canonical"
+    legacy_json = "legacy-json"
+    xml = "xml"
+    csv = "csv"
+
+
+@districts_app.command("import")
+def districts_import(
+    district: Annotated[str, typer.Option(help="District code, e.g. wujiang.")],
+    dialect: Annotated[BackfillDialect, typer.Option(help="The file's dialect.")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Records to replay.")],
+    chunk: Annotated[int, typer.Option(min=1, max=1000, help="Records per batch.")] = 500,
+) -> None:
+    """Replay a district's historical records through the same path as its pushes; re-running
+    it changes nothing (every record then comes back as a duplicate)."""
+    settings = _settings()
+    from rich.progress import Progress
+    from sqlalchemy import select
+
+    from services.gateway.districts import backfill
+    from services.lots.districts import adapter
+    from shared.bus.models import InboxRow
+    from shared.errors import Problem
+    from shared.runtime import Runtime
+
+    rt = Runtime(settings, source="gateway")
+    group = adapter.group_of(district)
+
+    def taken_by_adapter(event_ids: list[str]) -> set[str]:
+        # The adapter's inbox remembers for good what the gateway's Redis forgets after weeks.
+        with rt.sessionmaker() as db:
+            rows = db.scalars(
+                select(InboxRow.event_id).where(
+                    InboxRow.consumer == group, InboxRow.event_id.in_(event_ids)
+                )
+            )
+            return set(rows)
+
+    try:
+        parsed = backfill.read(dialect.value, file.read_bytes())
+        with Progress(console=console) as progress:
+            task = progress.add_task(f"{district} <- {file.name}", total=parsed.total)
+            summary = backfill.replay(
+                rt,
+                district,
+                parsed,
+                chunk=chunk,
+                already_seen=taken_by_adapter,
+                on_chunk=lambda out: progress.advance(task, out.received),
+            )
+    except Problem as exc:
+        console.print(f"[red]{exc.code}:[/red] {exc.detail}")
+        raise typer.Exit(1) from exc
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.reasons.items())) or "none"
+    console.print(
+        f"{summary.total} records: [green]{summary.accepted} accepted[/green], "
+        f"{summary.duplicates} duplicate, [red]{summary.rejected} rejected[/red] ({reasons})"
+    )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,14 @@ def make_base(schema_prefix: str) -> type[DeclarativeBase]:
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # One process runs the whole city here: the API's threads plus a worker thread per
+        # consumer each hold a connection, so the pool is sized for that, not the default 5.
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=40,
+            max_overflow=40,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -55,6 +55,8 @@ class InternalClient:
             raise UpstreamUnavailable(
                 f"{method} {path} answered {response.status_code}: {response.text[:200]}"
             )
+        if response.status_code == 204 or not response.content:
+            return None
         return response.json()
 
     def close(self) -> None:

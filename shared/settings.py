@@ -44,6 +44,14 @@ class Settings(BaseSettings):
 
     arrears_grace_days: int = 7
     arrears_limit_fen: int = 20_000
+    # How often billing looks for drivers whose arrears just passed the grace period.
+    arrears_sweep_interval_s: float = 60.0
+
+    # The payment sandbox signs its notifications with HMAC-SHA256 under this secret (shared
+    # with billing, which verifies them). Unset: derived from the JWT secret.
+    paysandbox_notify_secret: SecretStr | None = None
+    # Where the sandbox posts notifications; unset: `<billing_url>/v1/providers/sandbox/...`.
+    paysandbox_notify_url: str | None = None
 
     # Connector protocol (SPEC §4).
     signature_max_skew_s: int = 300

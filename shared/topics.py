@@ -43,3 +43,25 @@ def all_topics(districts: tuple[str, ...] | None = None) -> list[str]:
     return [PARKING_EVENTS, SESSIONS_CLOSED, BILLING_EVENTS, ACCOUNT_EVENTS] + [
         lot_events(c) for c in codes
     ]
+
+
+def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 3) -> list[str]:
+    """Create the topics that do not exist yet (the broker does not auto-create them); returns
+    those created. Idempotent, so a district's topic can be ensured by whoever needs it first."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="citypark-topics")
+    try:
+        missing = [t for t in topics if t not in set(admin.list_topics())]
+        created: list[str] = []
+        for name in missing:
+            try:
+                admin.create_topics([NewTopic(name, partitions, replication_factor=1)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race: the topic is there, which is all we need
+        return created
+    finally:
+        admin.close()

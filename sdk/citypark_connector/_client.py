@@ -1,55 +1,158 @@
-"""A synchronous client for CityPark's connector API (SPEC §4)."""
+"""The connector client: signed requests, a durable outbox, retries, offline gate decisions.
+
+`entry()` and `exit()` write the event to the local outbox first and only then send it, so a
+crash, a power cut or an outage never loses one; a background worker replays what is left, in
+order, through `/v1/connector/batches`. `exit()` answers within a hard deadline: when the city
+is slow or away, it decides from the last eligibility snapshot and says so (`offline=True`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ._outbox import EventState, Outbox, OutboxEvent
+from ._plates import plate_hash
 from ._signing import SignatureAuth
 from ._version import __version__
 
 PlateColor = Literal["blue", "yellow", "green", "white", "black"]
 VehicleType = Literal["small", "large"]
 
+log = logging.getLogger("citypark_connector")
+
 _REQUEST_ID_HEADER = "x-request-id"
+ENTRIES = "/v1/connector/entries"
+EXITS = "/v1/connector/exits"
+BATCHES = "/v1/connector/batches"
+ELIGIBILITY = "/v1/connector/eligibility"
+MAX_BATCH = 500  # the city's limit per batch (SPEC §4)
+_SNAPSHOT_META = "eligibility"
+# 4xx answers that say nothing about the event itself: a key being rotated (401/403), a
+# request timing out (408), a concurrent delivery (409/425), or the lot's rate limit (429).
+# The event stays pending; every other 4xx is a verdict on the event and quarantines it.
+_RETRYABLE_4XX = frozenset({401, 403, 408, 409, 425, 429})
 
 
 class ConnectorError(Exception):
     """CityPark answered 4xx/5xx; `code` is the stable problem code (e.g. `signature_invalid`)."""
 
     def __init__(
-        self, http_status: int, code: str, detail: str, request_id: str | None = None
+        self,
+        http_status: int,
+        code: str,
+        detail: str,
+        request_id: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         self.http_status = http_status
         self.code = code
         self.detail = detail
         self.request_id = request_id
+        self.retry_after = retry_after
         super().__init__(f"{http_status} {code}: {detail}")
+
+
+class EventRejected(ConnectorError):
+    """The city refused the event for good (e.g. `plate_invalid`); the outbox keeps it as
+    `rejected` with the problem, for the operator to inspect (`citypark-connector outbox list`)."""
 
 
 @dataclass(frozen=True)
 class EntryResult:
     event_id: str
-    status: str  # "accepted", or "duplicate" when the event_id was seen before
+    # "accepted"; "duplicate" when the city had it already; "queued" when it is in the outbox
+    # and will be delivered by the background worker.
+    status: str
 
 
 @dataclass(frozen=True)
-class ExitResult:
+class Decision:
+    """The exit gate's answer. `offline` when it came from the local snapshot, not the city."""
+
     event_id: str
     decision: str  # "postpay", "pay_on_site" or "free"
     reason: str | None
     session_id: str | None
+    offline: bool = False
+
+
+ExitResult = Decision
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Hashed plates (sha256("<plate>:<color>")) allowed to leave on post-pay."""
+
+    version: int
+    fetched_at: float
+    lot_postpay_enabled: bool
+    vehicles: frozenset[str] = field(repr=False)
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    verdict: Literal["delivered", "rejected", "failed"]
+    answer: dict[str, Any] | None = None
+    error: ConnectorError | None = None
+
+
+class _Backoff:
+    """Exponential backoff with equal jitter, shared by all sends: it is the uplink that is
+    down, not one event. A `Retry-After` from the city is a floor."""
+
+    def __init__(self, base_s: float, cap_s: float, rng: random.Random) -> None:
+        self.base_s, self.cap_s, self._rng = base_s, cap_s, rng
+        self.failures = 0
+        self.next_at = 0.0
+        self._lock = threading.Lock()
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self.next_at
+
+    def remaining(self) -> float:
+        return max(0.0, self.next_at - time.monotonic())
+
+    def failed(self, retry_after: float | None = None) -> float:
+        with self._lock:
+            self.failures += 1
+            ceiling = min(self.cap_s, self.base_s * 2 ** min(self.failures - 1, 30))
+            delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            self.next_at = time.monotonic() + delay
+            return delay
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self.failures = 0
+            self.next_at = 0.0
 
 
 class ConnectorClient:
-    """Signs every request with the lot's Ed25519 key and reports gate events to CityPark."""
+    """A car park's connection to CityPark: every request signed with the lot's Ed25519 key.
+
+    `outbox_path` is the SQLite file that makes events durable; without it events are kept in
+    memory only (fine for tests and tools, not for a gate). The background worker starts with
+    the first `entry()`/`exit()` (or `start()`) and stops on `close()`.
+    """
 
     def __init__(
         self,
@@ -58,16 +161,53 @@ class ConnectorClient:
         *,
         base_url: str,
         timeout: float = 10.0,
+        outbox_path: str | Path | None = None,
+        exit_deadline: float = 0.8,
+        entry_deadline: float = 2.0,
+        eligibility_refresh_s: float = 60.0,
+        snapshot_max_age_s: float = 24 * 3600.0,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 60.0,
+        batch_size: int = MAX_BATCH,
         transport: httpx.BaseTransport | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}")
         self.key_id = key_id
+        self.base_url = base_url
+        self.timeout = timeout
+        self.exit_deadline = exit_deadline
+        self.entry_deadline = entry_deadline
+        self.eligibility_refresh_s = eligibility_refresh_s
+        self.snapshot_max_age_s = snapshot_max_age_s
+        self.batch_size = batch_size
+        self._auth = SignatureAuth(key_id, private_key)
+        headers = {"user-agent": f"citypark-connector/{__version__}"}
         self._http = httpx.Client(
             base_url=base_url,
             timeout=timeout,
-            auth=SignatureAuth(key_id, private_key),
+            auth=self._auth,
             transport=transport,
-            headers={"user-agent": f"citypark-connector/{__version__}"},
+            headers=headers,
         )
+        self._async_transport = async_transport
+        self._ahttp: httpx.AsyncClient | None = None
+        self.outbox = Outbox(":memory:" if outbox_path is None else outbox_path)
+        self._backoff = _Backoff(backoff_base_s, backoff_cap_s, rng or random.Random())
+        self._inflight: set[str] = set()
+        self._inflight_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._worker: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._start_lock = threading.Lock()
+        self._snapshot = self._load_snapshot()
+        self._next_refresh = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
 
     def __enter__(self) -> Self:
         return self
@@ -80,8 +220,223 @@ class ConnectorClient:
     ) -> None:
         self.close()
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        """Start the background worker (replay of the backlog, eligibility refresh)."""
+        with self._start_lock:
+            if self._worker is None and not self._stop.is_set():
+                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="citypark-send")
+                self._worker = threading.Thread(
+                    target=self._run, name="citypark-connector", daemon=True
+                )
+                self._worker.start()
+
     def close(self) -> None:
+        """Stop the worker and close connections. Pending events stay in the outbox."""
+        self._stop.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join(timeout=self.timeout + 5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self._http.close()
+        self.outbox.close()
+
+    async def aclose(self) -> None:
+        if self._ahttp is not None:
+            await self._ahttp.aclose()
+        await asyncio.to_thread(self.close)
+
+    # -- gate events through the outbox ------------------------------------------------------
+
+    def entry(
+        self,
+        *,
+        plate: str,
+        plate_color: PlateColor | str,
+        vehicle_type: VehicleType = "small",
+        lane: str = "",
+        occurred_at: datetime | None = None,
+        event_id: uuid.UUID | str | None = None,
+    ) -> EntryResult:
+        """Record a vehicle entering. Durable on return; sent now, or later if the city is away.
+
+        Raises `EventRejected` when the city refuses the event itself (e.g. `plate_invalid`)."""
+        event, known = self._store(
+            "entry", _entry_body(event_id, occurred_at, plate, plate_color, vehicle_type, lane)
+        )
+        if known is not None:
+            return known  # type: ignore[return-value]
+        self.start()
+        if not self._may_send_now(event):
+            self._release([event.event_id])
+            self._wake.set()
+            return EntryResult(event.event_id, "queued")
+        outcome = self._send_with_deadline(event, ENTRIES, self.entry_deadline)
+        return self._entry_result(event, outcome)
+
+    def exit(
+        self,
+        *,
+        plate: str,
+        plate_color: PlateColor | str,
+        lane: str = "",
+        occurred_at: datetime | None = None,
+        event_id: uuid.UUID | str | None = None,
+    ) -> Decision:
+        """Record a vehicle at the exit gate and decide within `exit_deadline` seconds.
+
+        The city's answer when it comes in time; otherwise a decision from the local
+        eligibility snapshot, marked `offline=True` (the exit is delivered later all the same).
+        """
+        event, known = self._store(
+            "exit", _exit_body(event_id, occurred_at, plate, plate_color, lane)
+        )
+        if known is not None:
+            return known  # type: ignore[return-value]
+        self.start()
+        # While the city is known to be away, decide at once: a car should not wait 800 ms
+        # for an answer that is not coming.
+        outcome = None
+        if self._backoff.ready():
+            outcome = self._send_with_deadline(event, EXITS, self.exit_deadline)
+        else:
+            self._release([event.event_id])
+        return self._exit_result(event, outcome)
+
+    async def entry_async(
+        self,
+        *,
+        plate: str,
+        plate_color: PlateColor | str,
+        vehicle_type: VehicleType = "small",
+        lane: str = "",
+        occurred_at: datetime | None = None,
+        event_id: uuid.UUID | str | None = None,
+    ) -> EntryResult:
+        """`entry()` for asyncio code."""
+        body = _entry_body(event_id, occurred_at, plate, plate_color, vehicle_type, lane)
+        event, known = await asyncio.to_thread(self._store, "entry", body)
+        if known is not None:
+            return known  # type: ignore[return-value]
+        self.start()
+        if not self._may_send_now(event):
+            self._release([event.event_id])
+            self._wake.set()
+            return EntryResult(event.event_id, "queued")
+        outcome = await self._send_async(event, ENTRIES, self.entry_deadline)
+        return self._entry_result(event, outcome)
+
+    async def exit_async(
+        self,
+        *,
+        plate: str,
+        plate_color: PlateColor | str,
+        lane: str = "",
+        occurred_at: datetime | None = None,
+        event_id: uuid.UUID | str | None = None,
+    ) -> Decision:
+        """`exit()` for asyncio code, with the same hard deadline."""
+        body = _exit_body(event_id, occurred_at, plate, plate_color, lane)
+        event, known = await asyncio.to_thread(self._store, "exit", body)
+        if known is not None:
+            return known  # type: ignore[return-value]
+        self.start()
+        outcome = None
+        if self._backoff.ready():
+            outcome = await self._send_async(event, EXITS, self.exit_deadline)
+        else:
+            self._release([event.event_id])
+        return await asyncio.to_thread(self._exit_result, event, outcome)
+
+    def pending(self) -> int:
+        """Events written but not yet acknowledged by the city."""
+        return self.outbox.count(EventState.pending)
+
+    def flush(self, timeout: float = 30.0) -> int:
+        """Deliver the backlog now, waiting out backoff, for at most `timeout` seconds.
+
+        Returns how many events are still pending (0 when all were delivered or rejected)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self.pending()
+            if left == 0 or time.monotonic() >= deadline:
+                return left
+            if not self._backoff.ready():
+                time.sleep(min(self._backoff.remaining(), max(0.0, deadline - time.monotonic())))
+                continue
+            if self._flush_once() == 0 and self._backoff.ready():
+                time.sleep(0.05)  # the rest is in flight on another thread
+
+    async def flush_async(self, timeout: float = 30.0) -> int:
+        return await asyncio.to_thread(self.flush, timeout)
+
+    # -- eligibility snapshot ------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def refresh_eligibility(self) -> Snapshot:
+        """Fetch the city's eligibility snapshot now (only when its version changed)."""
+        current = self._snapshot
+        headers = {"if-none-match": current.etag} if current and current.etag else {}
+        response = self._http.get(ELIGIBILITY, headers=headers)
+        now = time.time()
+        if response.status_code == 304 and current is not None:
+            snap = Snapshot(
+                current.version, now, current.lot_postpay_enabled, current.vehicles, current.etag
+            )
+        else:
+            if response.is_error:
+                raise _error_from(response)
+            data = _json_object(response)
+            snap = Snapshot(
+                version=int(data["version"]),
+                fetched_at=now,
+                lot_postpay_enabled=bool(data.get("lot_postpay_enabled", True)),
+                vehicles=frozenset(str(v) for v in data["vehicles"]),
+                etag=response.headers.get("etag"),
+            )
+        self._snapshot = snap
+        self.outbox.set_meta(
+            _SNAPSHOT_META,
+            json.dumps(
+                {
+                    "version": snap.version,
+                    "fetched_at": snap.fetched_at,
+                    "lot_postpay_enabled": snap.lot_postpay_enabled,
+                    "vehicles": sorted(snap.vehicles),
+                    "etag": snap.etag,
+                }
+            ),
+        )
+        return snap
+
+    def offline_decision(self, plate: str, plate_color: str) -> tuple[str, str]:
+        """`(decision, reason)` from the snapshot alone, as the gate decides without the city."""
+        snap = self._snapshot
+        if snap is None:
+            return "pay_on_site", "offline_no_snapshot"
+        if not snap.lot_postpay_enabled:
+            return "pay_on_site", "lot_not_postpay"
+        if time.time() - snap.fetched_at > self.snapshot_max_age_s:
+            return "pay_on_site", "offline_snapshot_stale"
+        if plate_hash(plate, plate_color) in snap.vehicles:
+            return "postpay", "enrolled"
+        return "pay_on_site", "not_eligible"
+
+    # -- direct calls (no outbox) ----------------------------------------------------------
 
     def request(
         self,
@@ -100,57 +455,300 @@ class ConnectorClient:
         self,
         *,
         plate: str,
-        plate_color: PlateColor,
+        plate_color: PlateColor | str,
         vehicle_type: VehicleType,
         lane: str,
         occurred_at: datetime | None = None,
         event_id: uuid.UUID | str | None = None,
     ) -> EntryResult:
-        """Report a vehicle entering; safe to repeat with the same `event_id`."""
-        body = _event_body(event_id, occurred_at) | {
-            "plate": plate,
-            "plate_color": plate_color,
-            "vehicle_type": vehicle_type,
-            "lane": lane,
-        }
-        data = _json_object(self.request("POST", "/v1/connector/entries", json=body))
+        """Send one entry right now, bypassing the outbox (tools, tests, re-deliveries)."""
+        body = _entry_body(event_id, occurred_at, plate, plate_color, vehicle_type, lane)
+        data = _json_object(self.request("POST", ENTRIES, json=body))
         return EntryResult(event_id=str(data["event_id"]), status=str(data["status"]))
 
     def report_exit(
         self,
         *,
         plate: str,
-        plate_color: PlateColor,
+        plate_color: PlateColor | str,
         lane: str,
         occurred_at: datetime | None = None,
         event_id: uuid.UUID | str | None = None,
-    ) -> ExitResult:
-        """Report a vehicle at the exit gate and get the gate decision."""
-        body = _event_body(event_id, occurred_at) | {
-            "plate": plate,
-            "plate_color": plate_color,
-            "lane": lane,
-        }
-        data = _json_object(self.request("POST", "/v1/connector/exits", json=body))
-        reason, session_id = data.get("reason"), data.get("session_id")
-        return ExitResult(
-            event_id=str(data["event_id"]),
-            decision=str(data["decision"]),
-            reason=None if reason is None else str(reason),
-            session_id=None if session_id is None else str(session_id),
-        )
+    ) -> Decision:
+        """Send one exit right now, bypassing the outbox, and return the city's decision."""
+        body = _exit_body(event_id, occurred_at, plate, plate_color, lane)
+        return _decision(_json_object(self.request("POST", EXITS, json=body)), body["event_id"])
 
     def heartbeat(self, *, free_spaces: int, total_spaces: int) -> None:
-        """Report occupancy; also tells CityPark the connector is alive."""
-        self.request(
-            "POST",
-            "/v1/connector/heartbeats",
-            json={
-                "free_spaces": free_spaces,
-                "total_spaces": total_spaces,
-                "sdk_version": __version__,
+        """Report occupancy; also tells CityPark the connector is alive. Not queued: a
+        heartbeat that cannot be sent now is stale by the next one."""
+        self.request("POST", "/v1/connector/heartbeats", json=_heartbeat(free_spaces, total_spaces))
+
+    async def heartbeat_async(self, *, free_spaces: int, total_spaces: int) -> None:
+        response = await self._async_http().post(
+            "/v1/connector/heartbeats", json=_heartbeat(free_spaces, total_spaces)
+        )
+        if response.is_error:
+            raise _error_from(response)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _store(
+        self, kind: str, body: dict[str, Any]
+    ) -> tuple[OutboxEvent, EntryResult | Decision | None]:
+        """Write the event durably. For an `event_id` seen before, the answer it already has.
+
+        A new event is claimed for this caller before it becomes visible in the outbox, so the
+        background worker does not send it at the same time; the caller releases it."""
+        event_id = str(body["event_id"])
+        if not self._claim([event_id]):
+            raise RuntimeError(f"event {event_id} is being reported by another call right now")
+        try:
+            _, created = self.outbox.add(event_id, kind, body)
+            event = self.outbox.get(event_id)
+        except BaseException:
+            self._release([event_id])
+            raise
+        assert event is not None
+        if created:
+            return event, None
+        self._release([event_id])
+        if event.state is EventState.rejected:
+            raise _rejected(event.answer or {}, None)
+        if kind == "entry":
+            status = "duplicate" if event.state is EventState.delivered else "queued"
+            return event, EntryResult(event_id, status)
+        if event.state is EventState.delivered and event.answer is not None:
+            return event, _decision(event.answer, event_id)
+        if event.offline_decision is not None:
+            return event, Decision(**event.offline_decision)
+        # Stored by an earlier run that died before deciding: decide now.
+        if not self._claim([event_id]):
+            raise RuntimeError(f"event {event_id} is being reported by another call right now")
+        return event, None
+
+    def _may_send_now(self, event: OutboxEvent) -> bool:
+        """Entries keep their order: with older events waiting, this one queues behind them."""
+        if not self._backoff.ready():
+            return False
+        with self._inflight_lock:
+            inflight = list(self._inflight)
+        return not self.outbox.pending_before(event.seq, exclude=inflight)
+
+    def _claim(self, event_ids: list[str]) -> list[str]:
+        with self._inflight_lock:
+            free = [e for e in event_ids if e not in self._inflight]
+            self._inflight.update(free)
+            return free
+
+    def _release(self, event_ids: list[str]) -> None:
+        with self._inflight_lock:
+            self._inflight.difference_update(event_ids)
+
+    def _send_with_deadline(
+        self, event: OutboxEvent, path: str, deadline: float
+    ) -> _Outcome | None:
+        """Send one (claimed) event on a worker thread; `None` when no verdict came within
+        `deadline`. A late answer is still recorded in the outbox when it arrives."""
+        if self._pool is None:  # closed: the event waits in the outbox for the next run
+            self._release([event.event_id])
+            return None
+        try:
+            future = self._pool.submit(self._send_one, event, path)
+        except RuntimeError:  # the client is closing
+            self._release([event.event_id])
+            return None
+        try:
+            return future.result(timeout=deadline)
+        except FutureTimeout:
+            self._wake.set()
+            return None
+
+    def _send_one(self, event: OutboxEvent, path: str) -> _Outcome:
+        try:
+            try:
+                response = self._http.post(path, json=event.body)
+            except httpx.HTTPError as exc:
+                return self._record_failure([event.event_id], f"{type(exc).__name__}: {exc}")
+            return self._record_answer(event, response)
+        finally:
+            self._release([event.event_id])
+
+    async def _send_async(self, event: OutboxEvent, path: str, deadline: float) -> _Outcome | None:
+        try:
+            try:
+                response = await asyncio.wait_for(
+                    self._async_http().post(path, json=event.body), deadline
+                )
+            except (TimeoutError, httpx.HTTPError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                await asyncio.to_thread(self._record_failure, [event.event_id], error)
+                self._wake.set()
+                return None
+            return await asyncio.to_thread(self._record_answer, event, response)
+        finally:
+            self._release([event.event_id])
+
+    def _record_answer(self, event: OutboxEvent, response: httpx.Response) -> _Outcome:
+        if response.is_success:
+            answer = _json_object(response)
+            self.outbox.mark_delivered([(event.event_id, answer)])
+            self._backoff.succeeded()
+            return _Outcome("delivered", answer=answer)
+        error = _error_from(response)
+        if _permanent(response.status_code):
+            self.outbox.mark_rejected([(event.event_id, _problem_of(response, error))])
+            return _Outcome("rejected", error=error)
+        return self._record_failure([event.event_id], str(error), error.retry_after, error)
+
+    def _record_failure(
+        self,
+        event_ids: list[str],
+        message: str,
+        retry_after: float | None = None,
+        error: ConnectorError | None = None,
+    ) -> _Outcome:
+        self.outbox.mark_failed(event_ids, message)
+        delay = self._backoff.failed(retry_after)
+        log.warning("citypark: delivery failed (%s); retrying in %.1f s", message, delay)
+        return _Outcome("failed", error=error)
+
+    def _entry_result(self, event: OutboxEvent, outcome: _Outcome | None) -> EntryResult:
+        if outcome is not None and outcome.verdict == "delivered" and outcome.answer:
+            return EntryResult(event.event_id, str(outcome.answer.get("status", "accepted")))
+        if outcome is not None and outcome.verdict == "rejected":
+            assert outcome.error is not None
+            raise _as_rejected(outcome.error)
+        self._wake.set()
+        return EntryResult(event.event_id, "queued")
+
+    def _exit_result(self, event: OutboxEvent, outcome: _Outcome | None) -> Decision:
+        if outcome is not None and outcome.verdict == "delivered" and outcome.answer:
+            return _decision(outcome.answer, event.event_id)
+        if outcome is not None and outcome.verdict == "rejected":
+            assert outcome.error is not None
+            raise _as_rejected(outcome.error)
+        decision, reason = self.offline_decision(event.body["plate"], event.body["plate_color"])
+        answer = Decision(event.event_id, decision, reason, None, offline=True)
+        self.outbox.set_offline_decision(
+            event.event_id,
+            {
+                "event_id": answer.event_id,
+                "decision": answer.decision,
+                "reason": answer.reason,
+                "session_id": None,
+                "offline": True,
             },
         )
+        self._wake.set()
+        log.info("citypark: offline exit decision %s (%s) for %s", decision, reason, event.event_id)
+        return answer
+
+    def _flush_once(self) -> int:
+        """Send one batch of the oldest pending events; how many got a verdict."""
+        with self._flush_lock:
+            with self._inflight_lock:
+                inflight = list(self._inflight)
+            events = self.outbox.pending(self.batch_size, exclude=inflight)
+            claimed = set(self._claim([e.event_id for e in events]))
+            events = [e for e in events if e.event_id in claimed]
+            if not events:
+                return 0
+            ids = [e.event_id for e in events]
+            try:
+                return self._send_batch(events)
+            finally:
+                self._release(ids)
+
+    def _send_batch(self, events: list[OutboxEvent]) -> int:
+        ids = [e.event_id for e in events]
+        payload = {"events": [{"kind": e.kind, **e.body} for e in events]}
+        try:
+            response = self._http.post(BATCHES, json=payload)
+        except httpx.HTTPError as exc:
+            self._record_failure(ids, f"{type(exc).__name__}: {exc}")
+            return 0
+        if not response.is_success:
+            error = _error_from(response)
+            if _permanent(response.status_code):
+                # The batch as a whole was refused: a verdict on these events' shape.
+                problem = _problem_of(response, error)
+                self.outbox.mark_rejected([(i, problem) for i in ids])
+                return len(ids)
+            self._record_failure(ids, str(error), error.retry_after)
+            return 0
+        data = _json_object(response)
+        delivered: list[tuple[str, dict[str, Any]]] = []
+        rejected: list[tuple[str, dict[str, Any]]] = []
+        for item in data.get("results", []):
+            index = item.get("index")
+            if not isinstance(index, int) or not 0 <= index < len(events):
+                continue
+            event_id = events[index].event_id
+            if item.get("status") == "rejected":
+                rejected.append((event_id, {k: v for k, v in item.items() if v is not None}))
+            else:
+                delivered.append((event_id, item))
+        self.outbox.mark_delivered(delivered)
+        self.outbox.mark_rejected(rejected)
+        for event_id, problem in rejected:
+            log.error("citypark: event %s rejected: %s", event_id, problem.get("code"))
+        self._backoff.succeeded()
+        return len(delivered) + len(rejected)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:  # the worker must survive anything one round throws
+                log.exception("citypark: background worker round failed")
+                self._backoff.failed()
+            wait = min(
+                1.0,
+                self._backoff.remaining() or 1.0,
+                max(0.05, self._next_refresh - time.monotonic()),
+            )
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        if time.monotonic() >= self._next_refresh:
+            try:
+                self.refresh_eligibility()
+                self._next_refresh = time.monotonic() + self.eligibility_refresh_s
+            except (httpx.HTTPError, ConnectorError, ValueError, KeyError) as exc:
+                log.warning("citypark: eligibility refresh failed: %s", exc)
+                self._next_refresh = time.monotonic() + min(15.0, self.eligibility_refresh_s)
+        while not self._stop.is_set() and self._backoff.ready() and self._flush_once() > 0:
+            pass
+
+    def _load_snapshot(self) -> Snapshot | None:
+        raw = self.outbox.get_meta(_SNAPSHOT_META)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return Snapshot(
+            version=int(data["version"]),
+            fetched_at=float(data["fetched_at"]),
+            lot_postpay_enabled=bool(data["lot_postpay_enabled"]),
+            vehicles=frozenset(data["vehicles"]),
+            etag=data.get("etag"),
+        )
+
+    def _async_http(self) -> httpx.AsyncClient:
+        if self._ahttp is None:
+            self._ahttp = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=self.timeout,
+                auth=self._auth,
+                transport=self._async_transport,
+                headers={"user-agent": f"citypark-connector/{__version__}"},
+            )
+        return self._ahttp
+
+
+def _permanent(status: int) -> bool:
+    return 400 <= status < 500 and status not in _RETRYABLE_4XX
 
 
 def _event_body(event_id: uuid.UUID | str | None, occurred_at: datetime | None) -> dict[str, Any]:
@@ -161,6 +759,50 @@ def _event_body(event_id: uuid.UUID | str | None, occurred_at: datetime | None) 
         "event_id": str(uuid.uuid4() if event_id is None else uuid.UUID(str(event_id))),
         "occurred_at": when.isoformat(),
     }
+
+
+def _entry_body(
+    event_id: uuid.UUID | str | None,
+    occurred_at: datetime | None,
+    plate: str,
+    plate_color: str,
+    vehicle_type: str,
+    lane: str,
+) -> dict[str, Any]:
+    return _event_body(event_id, occurred_at) | {
+        "plate": plate,
+        "plate_color": plate_color,
+        "vehicle_type": vehicle_type,
+        "lane": lane,
+    }
+
+
+def _exit_body(
+    event_id: uuid.UUID | str | None,
+    occurred_at: datetime | None,
+    plate: str,
+    plate_color: str,
+    lane: str,
+) -> dict[str, Any]:
+    return _event_body(event_id, occurred_at) | {
+        "plate": plate,
+        "plate_color": plate_color,
+        "lane": lane,
+    }
+
+
+def _heartbeat(free_spaces: int, total_spaces: int) -> dict[str, Any]:
+    return {"free_spaces": free_spaces, "total_spaces": total_spaces, "sdk_version": __version__}
+
+
+def _decision(data: Mapping[str, Any], event_id: str) -> Decision:
+    reason, session_id = data.get("reason"), data.get("session_id")
+    return Decision(
+        event_id=str(data.get("event_id") or event_id),
+        decision=str(data["decision"]),
+        reason=None if reason is None else str(reason),
+        session_id=None if session_id is None else str(session_id),
+    )
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
@@ -178,6 +820,16 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
     return data
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP-date; the backoff schedule is good enough then
+
+
 def _error_from(response: httpx.Response) -> ConnectorError:
     """Read the RFC 9457 problem document; fall back to the status line for anything else."""
     try:
@@ -193,4 +845,27 @@ def _error_from(response: httpx.Response) -> ConnectorError:
         code if isinstance(code, str) else f"http_{response.status_code}",
         str(detail),
         None if request_id is None else str(request_id),
+        _retry_after(response),
+    )
+
+
+def _problem_of(response: httpx.Response, error: ConnectorError) -> dict[str, Any]:
+    return {
+        "status": response.status_code,
+        "code": error.code,
+        "detail": error.detail,
+        "request_id": error.request_id,
+    }
+
+
+def _as_rejected(error: ConnectorError) -> EventRejected:
+    return EventRejected(error.http_status, error.code, error.detail, error.request_id)
+
+
+def _rejected(problem: Mapping[str, Any], request_id: str | None) -> EventRejected:
+    return EventRejected(
+        int(problem.get("status") or 422),
+        str(problem.get("code") or "rejected"),
+        str(problem.get("detail") or "the city rejected this event"),
+        request_id or problem.get("request_id"),
     )

@@ -1,12 +1,15 @@
-"""Billing consumes closed sessions; the charge worker talks to the provider afterwards."""
+"""Billing consumes closed sessions; the money worker talks to the provider afterwards
+(charges, then refunds) and, now and then, suspends drivers whose arrears got too old."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 from sqlalchemy.orm import Session
 
 from services.billing.charge import service as charges
+from services.billing.refund import service as refunds
 from shared.bus.consumer import ConsumerLoop, dead_letter_to_db, idempotent
 from shared.bus.factory import make_subscription
 from shared.bus.outbox import run_relay
@@ -36,12 +39,18 @@ def workers(rt: Runtime) -> list[Worker]:
         ).run()
 
     def charge_worker(stop: threading.Event) -> None:
+        next_sweep = 0.0
         while not stop.is_set():
+            touched = 0
             try:
-                touched = charges.process_due(rt.sessionmaker, rt.settings, rt.providers)
+                touched += charges.process_due(rt.sessionmaker, rt.settings, rt.providers)
+                touched += refunds.process_due(rt.sessionmaker, rt.providers)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + rt.settings.arrears_sweep_interval_s
+                    with rt.sessionmaker() as db, db.begin():
+                        charges.sweep_arrears(db, rt.settings)
             except Exception:
                 charges.log.exception("charge.worker_failed")
-                touched = 0
             if not touched:
                 stop.wait(0.2)
 

@@ -10,7 +10,13 @@ from fastapi.responses import JSONResponse
 
 from services.billing.charge import service as charges
 from services.billing.charge.models import Charge
-from services.billing.charge.schemas import ArrearsOut, ChargeOut, LedgerCheck
+from services.billing.charge.schemas import (
+    ArrearsOut,
+    ChargeDetail,
+    ChargeOut,
+    DriverArrears,
+    LedgerCheck,
+)
 from services.billing.driver import service as drivers
 from services.billing.driver.models import PaymentAccount
 from services.billing.driver.schemas import (
@@ -26,7 +32,16 @@ from services.billing.driver.schemas import (
 )
 from services.billing.ledger import service as ledger
 from services.billing.provider.port import PaymentProvider
-from shared.auth import AdminAuth, DriverAuth, FinanceAuth, InternalAuth, issue_driver_token
+from services.billing.refund import service as refunds
+from services.billing.refund.endpoints import dispute_out
+from shared.auth import (
+    AdminAuth,
+    DriverAuth,
+    FinanceAuth,
+    InternalAuth,
+    ViewerAuth,
+    issue_driver_token,
+)
 from shared.deps import DbSession
 from shared.errors import PROBLEM_CONTENT_TYPE, NotFound, PlateInvalid
 from shared.http import problem_responses
@@ -163,9 +178,13 @@ def list_charges(
     return [_charge_out(c) for c in charges.charges_of(db, who.id, limit)]
 
 
-@me.get("/charges/{charge_id}", response_model=ChargeOut, responses=problem_responses(NotFound))
-def get_charge(charge_id: str, who: DriverAuth, db: DbSession) -> ChargeOut:
-    return _charge_out(charges.get_charge_for(db, who.id, charge_id))
+@me.get("/charges/{charge_id}", response_model=ChargeDetail, responses=problem_responses(NotFound))
+def get_charge(charge_id: str, who: DriverAuth, db: DbSession) -> ChargeDetail:
+    """One charge, with what was refunded and the outcome of its disputes."""
+    charge = charges.get_charge_for(db, who.id, charge_id)
+    out = ChargeDetail.model_validate(_charge_out(charge).model_dump())
+    out.disputes = [dispute_out(db, d) for d in refunds.disputes_of_charge(db, charge.id)]
+    return out
 
 
 @me.get("/arrears", response_model=ArrearsOut)
@@ -200,6 +219,34 @@ def sandbox_sms(phone: str, _: AdminAuth, db: DbSession, request: Request) -> li
     if not _settings(request).sandbox_mode:
         raise NotFound("The SMS sandbox is off")
     return [SmsOut.model_validate(m, from_attributes=True) for m in drivers.sms_for(db, phone)]
+
+
+@admin.get(
+    "/arrears",
+    response_model=list[DriverArrears],
+    responses=problem_responses(drivers.PhoneInvalid),
+)
+def search_arrears(
+    _: ViewerAuth,
+    db: DbSession,
+    phone: str | None = None,
+    driver_id: str | None = None,
+    min_fen: Annotated[int, Query(ge=0)] = 0,
+    older_than_days: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[DriverArrears]:
+    """Drivers who owe money, biggest first; search by phone, driver, amount or age."""
+    return [
+        DriverArrears.model_validate(row)
+        for row in charges.search_arrears(
+            db,
+            phone=phone,
+            driver_id=driver_id,
+            min_fen=min_fen,
+            older_than_days=older_than_days,
+            limit=limit,
+        )
+    ]
 
 
 @admin.get("/ledger/check", response_model=LedgerCheck)

@@ -2,20 +2,55 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from pathlib import Path
 
 from services.billing import consumers, endpoints
+from services.billing.provider import endpoints as provider_endpoints
 from services.billing.provider.sandbox import SandboxProvider
+from services.billing.reconciliation import endpoints as reconciliation_endpoints
+from services.billing.refund import endpoints as refund_endpoints
+from services.billing.settlement import endpoints as settlement_endpoints
 from shared.runtime import Migrations, Part, Runtime
+from shared.settings import Settings
+
+
+def sandbox_notify_secret(settings: Settings) -> str:
+    """The secret the sandbox signs notifications with (the same derivation on both sides)."""
+    if settings.paysandbox_notify_secret is not None:
+        return settings.paysandbox_notify_secret.get_secret_value()
+    return hmac.new(
+        settings.jwt_secret.get_secret_value().encode(), b"paysandbox-notify", hashlib.sha256
+    ).hexdigest()
 
 
 def _plug_providers(rt: Runtime) -> None:
-    rt.providers.setdefault("sandbox", SandboxProvider(rt.settings.paysandbox_url))
+    s = rt.settings
+    notify_url = (
+        s.paysandbox_notify_url or s.billing_url.rstrip("/") + "/v1/providers/sandbox/notifications"
+    )
+    rt.providers.setdefault(
+        "sandbox",
+        SandboxProvider(
+            s.paysandbox_url, notify_url=notify_url, notify_secret=sandbox_notify_secret(s)
+        ),
+    )
 
 
 part = Part(
     name="billing",
-    routers=[endpoints.auth, endpoints.me, endpoints.admin, endpoints.internal],
+    routers=[
+        endpoints.auth,
+        endpoints.me,
+        endpoints.admin,
+        endpoints.internal,
+        refund_endpoints.me,
+        refund_endpoints.admin,
+        settlement_endpoints.admin,
+        reconciliation_endpoints.admin,
+        provider_endpoints.router,
+    ],
     workers=consumers.workers,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_billing"),
     on_startup=_plug_providers,

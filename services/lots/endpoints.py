@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+import redis
+from fastapi import APIRouter, Depends, Query, Request, status
 
-from services.lots import service
-from services.lots.models import District, Lot
+from services.lots import audit, occupancy, service
+from services.lots.models import District, Lot, LotKey, Occupancy, Operator, TariffVersion
 from services.lots.schemas import (
+    AuditEntryOut,
+    AuditPage,
     DistrictCreate,
     DistrictOut,
     HeartbeatIn,
@@ -18,8 +22,13 @@ from services.lots.schemas import (
     LotCreate,
     LotNearby,
     LotOut,
+    LotPage,
+    LotsStats,
+    LotSummary,
+    LotUpdate,
     OperatorCreate,
     OperatorOut,
+    OperatorPage,
     PriceOut,
     PublicKeyIn,
     QuoteOut,
@@ -29,16 +38,35 @@ from services.lots.schemas import (
 )
 from shared.auth import AdminAuth, InternalAuth, ViewerAuth
 from shared.deps import DbSession
-from shared.errors import NotFound, PlateColorInvalid, PlateInvalid, TariffInvalid, ValidationFailed
+from shared.errors import (
+    NotFound,
+    PlateColorInvalid,
+    PlateInvalid,
+    TariffInvalid,
+    UpstreamUnavailable,
+    ValidationFailed,
+)
 from shared.http import problem_responses
 from shared.signatures import PublicKeyInvalid
+from shared.tariff import QuoteInputInvalid
+from shared.timeutil import utcnow
 
 admin = APIRouter(prefix="/v1/admin", tags=["admin: registry"])
 public = APIRouter(tags=["driver: car parks"])
 internal = APIRouter(prefix="/internal/lots", include_in_schema=False)
 
 
+def _redis(request: Request) -> redis.Redis:
+    return request.app.state.runtime.redis  # type: ignore[no-any-return]
+
+
+Cache = Annotated[redis.Redis, Depends(_redis)]
+Limit = Annotated[int, Query(ge=1, le=200)]
+
+
 def _lot_out(db: DbSession, lot: Lot) -> LotOut:
+    occ = db.get(Occupancy, lot.id)
+    now = utcnow()
     return LotOut(
         id=lot.id,
         code=lot.code,
@@ -48,10 +76,32 @@ def _lot_out(db: DbSession, lot: Lot) -> LotOut:
         capacity=lot.capacity,
         location=Location(lat=lot.lat, lng=lot.lng),
         postpay_enabled=lot.postpay_enabled,
-        free_spaces=lot.free_spaces,
+        free_spaces=max(lot.capacity - occ.occupied, 0) if occ else lot.free_spaces,
+        online=occupancy.is_online(occ.heartbeat_at if occ else None, now),
+        last_heartbeat_at=occ.heartbeat_at if occ else None,
         key_ids=service.lot_key_ids(db, lot.id),
         tariff=service.current_tariff_doc(db, lot.id),
         created_at=lot.created_at,
+    )
+
+
+def _key_out(key: LotKey) -> KeyOut:
+    return KeyOut(
+        key_id=key.key_id,
+        created_at=key.created_at,
+        revoked_at=key.revoked_at,
+        active=key.revoked_at is None,
+    )
+
+
+def _version_out(version: TariffVersion, in_force_id: str | None) -> TariffVersionOut:
+    return TariffVersionOut(
+        id=version.id,
+        lot_id=version.lot_id,
+        effective_from=version.effective_from,
+        in_force=version.id == in_force_id,
+        created_at=version.created_at,
+        tariff=version.document,
     )
 
 
@@ -62,10 +112,38 @@ def _district_out(db: DbSession, d: District) -> DistrictOut:
 
 
 @admin.post("/operators", status_code=status.HTTP_201_CREATED, response_model=OperatorOut)
-def create_operator(data: OperatorCreate, db: DbSession, _: AdminAuth) -> OperatorOut:
+def create_operator(data: OperatorCreate, db: DbSession, who: AdminAuth) -> OperatorOut:
     """Onboard a car-park operator, with its commission and settlement account."""
-    op = service.create_operator(db, data)
+    op = service.create_operator(db, data, who)
     return OperatorOut.model_validate(op, from_attributes=True)
+
+
+@admin.get(
+    "/operators", response_model=OperatorPage, responses=problem_responses(service.CursorInvalid)
+)
+def list_operators(
+    db: DbSession,
+    _: ViewerAuth,
+    q: Annotated[str | None, Query(max_length=200, description="Part of the name")] = None,
+    cursor: str | None = None,
+    limit: Limit = 50,
+) -> OperatorPage:
+    """Operators by name; `next_cursor` pages on."""
+    page, nxt = service.list_operators(db, q=q, cursor=cursor, limit=limit)
+    return OperatorPage(
+        items=[OperatorOut.model_validate(op, from_attributes=True) for op in page],
+        next_cursor=nxt,
+    )
+
+
+@admin.get(
+    "/operators/{operator_id}",
+    response_model=OperatorOut,
+    responses=problem_responses(service.OperatorNotFound),
+)
+def get_operator(operator_id: str, db: DbSession, _: ViewerAuth) -> OperatorOut:
+    """One operator."""
+    return OperatorOut.model_validate(service.get_operator(db, operator_id), from_attributes=True)
 
 
 @admin.post(
@@ -79,29 +157,104 @@ def create_operator(data: OperatorCreate, db: DbSession, _: AdminAuth) -> Operat
         service.KeyIdTaken,
         TariffInvalid,
         PublicKeyInvalid,
+        UpstreamUnavailable,
     ),
 )
-def create_lot(data: LotCreate, db: DbSession, _: AdminAuth) -> LotOut:
+def create_lot(data: LotCreate, db: DbSession, r: Cache, who: AdminAuth) -> LotOut:
     """Connect a car park: its district, operator, capacity, keys and tariff (in force now)."""
-    return _lot_out(db, service.create_lot(db, data))
+    return _lot_out(db, service.create_lot(db, data, who, cache=r))
+
+
+@admin.get("/lots", response_model=LotPage, responses=problem_responses(service.CursorInvalid))
+def list_lots(
+    db: DbSession,
+    _: ViewerAuth,
+    district: str | None = None,
+    operator_id: str | None = None,
+    q: Annotated[str | None, Query(max_length=200, description="Part of code or name")] = None,
+    cursor: str | None = None,
+    limit: Limit = 50,
+) -> LotPage:
+    """Search the registry (by district, operator, code or name), ordered by code."""
+    page, nxt = service.list_lots(
+        db, district=district, operator_id=operator_id, q=q, cursor=cursor, limit=limit
+    )
+    now = utcnow()
+    return LotPage(
+        items=[
+            LotSummary(
+                id=lot.id,
+                code=lot.code,
+                name=lot.name,
+                district=lot.district,
+                operator_id=lot.operator_id,
+                capacity=lot.capacity,
+                location=Location(lat=lot.lat, lng=lot.lng),
+                postpay_enabled=lot.postpay_enabled,
+                free_spaces=max(lot.capacity - (occ.occupied if occ else 0), 0),
+                online=occupancy.is_online(occ.heartbeat_at if occ else None, now),
+                created_at=lot.created_at,
+            )
+            for lot, occ in page
+        ],
+        next_cursor=nxt,
+    )
 
 
 @admin.get("/lots/{lot_id}", response_model=LotOut, responses=problem_responses(service.LotUnknown))
 def get_lot(lot_id: str, db: DbSession, _: ViewerAuth) -> LotOut:
+    """One car park with its live state, active keys and the tariff in force now."""
     return _lot_out(db, service.get_lot(db, lot_id))
+
+
+@admin.patch(
+    "/lots/{lot_id}",
+    response_model=LotOut,
+    responses=problem_responses(service.LotUnknown, service.OperatorUnknown, UpstreamUnavailable),
+)
+def update_lot(lot_id: str, data: LotUpdate, db: DbSession, r: Cache, who: AdminAuth) -> LotOut:
+    """Rename, resize, move, hand over to another operator, or switch post-pay on or off."""
+    return _lot_out(db, service.update_lot(db, r, lot_id, data, who))
+
+
+@admin.get(
+    "/lots/{lot_id}/tariffs",
+    response_model=list[TariffVersionOut],
+    responses=problem_responses(service.LotUnknown),
+)
+def list_tariffs(lot_id: str, db: DbSession, _: ViewerAuth) -> list[TariffVersionOut]:
+    """The lot's tariff history, latest first; `in_force` marks the one pricing entries now."""
+    versions = service.tariff_versions(db, lot_id)
+    now = utcnow()
+    current = next((v.id for v in versions if v.effective_from <= now), None)
+    return [_version_out(v, current) for v in versions]
 
 
 @admin.put(
     "/lots/{lot_id}/tariff",
     response_model=TariffVersionOut,
-    responses=problem_responses(service.LotUnknown, TariffInvalid),
+    responses=problem_responses(
+        service.LotUnknown, TariffInvalid, service.TariffInPast, service.TariffVersionExists
+    ),
 )
-def put_tariff(lot_id: str, data: TariffUpdate, db: DbSession, _: AdminAuth) -> TariffVersionOut:
-    """Add a tariff version; stays are priced by the version in force at their entry."""
-    tariff = service.set_tariff(db, lot_id, data.effective_from, data.tariff)
-    return TariffVersionOut(
-        lot_id=lot_id, effective_from=data.effective_from, tariff=tariff.model_dump(mode="json")
-    )
+def put_tariff(lot_id: str, data: TariffUpdate, db: DbSession, who: AdminAuth) -> TariffVersionOut:
+    """Add a tariff version from `effective_from` (now when left out, never in the past).
+
+    Stays are priced by the version in force at their entry, so earlier stays keep their price.
+    """
+    version = service.add_tariff_version(db, lot_id, data.effective_from, data.tariff, who)
+    in_force = version.id if version.effective_from <= utcnow() else None
+    return _version_out(version, in_force)
+
+
+@admin.get(
+    "/lots/{lot_id}/keys",
+    response_model=list[KeyOut],
+    responses=problem_responses(service.LotUnknown),
+)
+def list_keys(lot_id: str, db: DbSession, _: ViewerAuth) -> list[KeyOut]:
+    """Every key of the lot, active and revoked, oldest first."""
+    return [_key_out(key) for key in service.lot_keys(db, lot_id)]
 
 
 @admin.post(
@@ -112,10 +265,9 @@ def put_tariff(lot_id: str, data: TariffUpdate, db: DbSession, _: AdminAuth) -> 
         service.LotUnknown, service.KeyIdTaken, service.TooManyKeys, PublicKeyInvalid
     ),
 )
-def add_key(lot_id: str, key: PublicKeyIn, db: DbSession, _: AdminAuth) -> KeyOut:
+def add_key(lot_id: str, key: PublicKeyIn, db: DbSession, who: AdminAuth) -> KeyOut:
     """Register a connector's public key (two may be active at once, for rotation)."""
-    row = service.add_lot_key(db, lot_id, key)
-    return KeyOut(key_id=row.key_id, created_at=row.created_at)
+    return _key_out(service.add_lot_key(db, lot_id, key, who))
 
 
 @admin.delete(
@@ -123,8 +275,15 @@ def add_key(lot_id: str, key: PublicKeyIn, db: DbSession, _: AdminAuth) -> KeyOu
     status_code=status.HTTP_204_NO_CONTENT,
     responses=problem_responses(service.KeyUnknownHere),
 )
-def delete_key(lot_id: str, key_id: str, db: DbSession, _: AdminAuth) -> None:
-    service.delete_lot_key(db, lot_id, key_id)
+def revoke_key(lot_id: str, key_id: str, db: DbSession, who: AdminAuth) -> None:
+    """Revoke a key: it stops signing within seconds; its id stays on record, never reused."""
+    service.revoke_lot_key(db, lot_id, key_id, who)
+
+
+@admin.get("/districts", response_model=list[DistrictOut])
+def list_districts(db: DbSession, _: ViewerAuth) -> list[DistrictOut]:
+    """Every district platform, by code."""
+    return [_district_out(db, d) for d in service.list_districts(db)]
 
 
 @admin.post(
@@ -133,9 +292,13 @@ def delete_key(lot_id: str, key_id: str, db: DbSession, _: AdminAuth) -> None:
     response_model=DistrictOut,
     responses=problem_responses(service.DistrictExists, service.DialectUnknown),
 )
-def create_district(data: DistrictCreate, db: DbSession, _: AdminAuth) -> DistrictOut:
+def create_district(data: DistrictCreate, db: DbSession, who: AdminAuth) -> DistrictOut:
     """Add a district platform (districts are data: no code change needed)."""
-    return _district_out(db, service.create_district(db, data))
+    out = _district_out(db, service.create_district(db, data))
+    audit.record(
+        db, who, "district.create", "district", out.code, after=out.model_dump(mode="json")
+    )
+    return out
 
 
 @admin.post(
@@ -144,30 +307,67 @@ def create_district(data: DistrictCreate, db: DbSession, _: AdminAuth) -> Distri
     response_model=KeyOut,
     responses=problem_responses(NotFound, service.KeyIdTaken, service.TooManyKeys),
 )
-def add_district_key(code: str, key: PublicKeyIn, db: DbSession, _: AdminAuth) -> KeyOut:
+def add_district_key(code: str, key: PublicKeyIn, db: DbSession, who: AdminAuth) -> KeyOut:
+    """Register a district platform's public key (two may be active at once)."""
     row = service.add_district_key(db, code, key)
+    audit.record(
+        db, who, "key.add", "district", code, after={"key_id": row.key_id, "district": code}
+    )
     return KeyOut(key_id=row.key_id, created_at=row.created_at)
 
 
-def _parse_near(near: str) -> tuple[float, float]:
-    try:
-        lat_s, lng_s = near.split(",")
-        lat, lng = float(lat_s), float(lng_s)
-    except ValueError as exc:
-        raise ValidationFailed("near must be 'lat,lng', e.g. 31.30,120.58") from exc
-    if not (-90 <= lat <= 90 and -180 <= lng <= 180):
-        raise ValidationFailed("near is outside valid coordinates")
-    return lat, lng
+@admin.get("/audit", response_model=AuditPage, responses=problem_responses(service.CursorInvalid))
+def list_audit(
+    db: DbSession,
+    _: ViewerAuth,
+    entity: str | None = Query(default=None, examples=["lot"]),
+    entity_id: str | None = None,
+    actor: str | None = Query(default=None, description="Admin token id"),
+    since: datetime | None = None,
+    cursor: str | None = None,
+    limit: Limit = 50,
+) -> AuditPage:
+    """Every admin write to the registry, newest first: who, when, what, before and after."""
+    before_id = None
+    if cursor:
+        (raw,) = service.decode_cursor(cursor, 1)
+        if not raw.isdigit():
+            raise service.CursorInvalid("cursor was not issued by this API")
+        before_id = int(raw)
+    if since is not None and since.tzinfo is None:
+        raise ValidationFailed("since must carry a UTC offset")
+    rows = audit.entries(
+        db,
+        entity=entity,
+        entity_id=entity_id,
+        actor=actor,
+        since=since,
+        before_id=before_id,
+        limit=limit + 1,
+    )
+    page = rows[:limit]
+    nxt = service.encode_cursor(str(page[-1].id)) if len(rows) > limit else None
+    return AuditPage(
+        items=[AuditEntryOut.model_validate(e, from_attributes=True) for e in page],
+        next_cursor=nxt,
+    )
 
 
-@public.get("/v1/lots", response_model=list[LotNearby])
+@public.get(
+    "/v1/lots",
+    response_model=list[LotNearby],
+    responses=problem_responses(ValidationFailed, UpstreamUnavailable),
+)
 def lots_near(
     db: DbSession,
+    r: Cache,
     near: Annotated[str, Query(examples=["31.3017,120.5853"])],
     radius_m: Annotated[int, Query(gt=0, le=50_000)] = 2000,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> list[LotNearby]:
-    """Car parks near a point, nearest first, with free spaces and a tariff summary."""
-    lat, lng = _parse_near(near)
+    """Car parks near a point, nearest first, with live free spaces and a tariff summary."""
+    lat, lng = service.parse_near(near)
+    now = utcnow()
     return [
         LotNearby(
             id=lot.id,
@@ -177,21 +377,27 @@ def lots_near(
             location=Location(lat=lot.lat, lng=lot.lng),
             distance_m=round(dist),
             capacity=lot.capacity,
-            free_spaces=lot.free_spaces,
+            free_spaces=live.free_spaces if live else lot.capacity,
             postpay_enabled=lot.postpay_enabled,
-            tariff_summary=service.tariff_summary(service.current_tariff_doc(db, lot.id)),
+            online=live.online(now) if live else False,
+            tariff_summary=service.tariff_summary(doc),
         )
-        for lot, dist in service.lots_near(db, lat, lng, radius_m)
+        for lot, dist, live, doc in service.lots_near(db, r, lat, lng, radius_m, limit)
     ]
 
 
 @public.post(
     "/v1/quotes",
     response_model=QuoteOut,
-    responses=problem_responses(service.LotUnknown, PlateColorInvalid, PlateInvalid),
+    responses=problem_responses(
+        service.LotUnknown, PlateColorInvalid, PlateInvalid, QuoteInputInvalid, service.StayTooLong
+    ),
 )
 def create_quote(data: QuoteRequest, db: DbSession) -> QuoteOut:
-    """What a stay costs at a car park, with one breakdown line per stretch (SPEC §8)."""
+    """What a stay costs at a car park, with one breakdown line per stretch (SPEC §8).
+
+    Priced by the tariff version in force at `entered_at`, exactly as billing prices the stay.
+    """
     _, fee, breakdown = service.price(
         db, data.lot_id, data.entered_at, data.exited_at, data.vehicle_type, data.plate_color
     )
@@ -208,14 +414,21 @@ def price(lot_id: str, data: QuoteRequest, db: DbSession, _: InternalAuth) -> Pr
     lot, fee, breakdown = service.price(
         db, lot_id, data.entered_at, data.exited_at, data.vehicle_type, data.plate_color
     )
-    return PriceOut(lot_id=lot.id, operator_id=lot.operator_id, fee_fen=fee, breakdown=breakdown)
+    operator = db.get(Operator, lot.operator_id)
+    return PriceOut(
+        lot_id=lot.id,
+        operator_id=lot.operator_id,
+        fee_fen=fee,
+        commission_bps=operator.commission_bps if operator else 0,
+        breakdown=breakdown,
+    )
 
 
 @internal.post("/{lot_id}/heartbeat", status_code=status.HTTP_204_NO_CONTENT)
-def heartbeat(lot_id: str, beat: HeartbeatIn, db: DbSession, _: InternalAuth) -> None:
-    service.record_heartbeat(db, lot_id, beat)
+def heartbeat(lot_id: str, beat: HeartbeatIn, db: DbSession, r: Cache, _: InternalAuth) -> None:
+    service.record_heartbeat(db, r, lot_id, beat)
 
 
-@internal.get("/stats")
-def stats(db: DbSession, _: InternalAuth) -> dict[str, int]:
+@internal.get("/stats", response_model=LotsStats)
+def stats(db: DbSession, _: InternalAuth) -> LotsStats:
     return service.stats(db)

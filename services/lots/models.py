@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import BigInteger, Date, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import make_base, new_id
+from shared.db import JSONDoc, make_base, new_id
 from shared.timeutil import utcnow
 
 Base = make_base("lots")
@@ -68,6 +68,8 @@ class LotKey(Base):
     lot_id: Mapped[str] = mapped_column(ForeignKey("lots_lot.id"), index=True)
     public_key_pem: Mapped[str] = mapped_column(String(2000))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Revoked keys stay on record: a key id is never reused, and the audit can name it.
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class TariffVersion(Base):
@@ -82,3 +84,45 @@ class TariffVersion(Base):
     effective_from: Mapped[datetime]
     document: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """One admin write to the registry: who (admin token id), when, what, before and after."""
+
+    __tablename__ = "lots_audit"
+    __table_args__ = (Index("ix_lots_audit_entity", "entity", "entity_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(20))
+    action: Mapped[str] = mapped_column(String(60))
+    entity: Mapped[str] = mapped_column(String(40))
+    entity_id: Mapped[str] = mapped_column(String(200))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, default=None)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, default=None)
+
+
+class Occupancy(Base):
+    """Durable side of a lot's live occupancy; Redis holds the copy the map reads.
+
+    Kept apart from `lots_lot` so that a busy lot's stream of entries and exits does not lock
+    the registry row ops edit.
+    """
+
+    __tablename__ = "lots_occupancy"
+
+    lot_id: Mapped[str] = mapped_column(ForeignKey("lots_lot.id"), primary_key=True)
+    occupied: Mapped[int] = mapped_column(default=0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DailyParkings(Base):
+    """Parkings served (closed sessions) per district and Asia/Shanghai calendar day."""
+
+    __tablename__ = "lots_parkings_daily"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    district: Mapped[str] = mapped_column(String(40), primary_key=True)
+    parkings: Mapped[int] = mapped_column(default=0)

@@ -100,6 +100,16 @@ class LotCreate(Strict):
     tariff: dict[str, Any] = Field(examples=[EXAMPLE_TARIFF])
 
 
+class LotUpdate(Strict):
+    """Fields left out stay as they are."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    operator_id: str | None = None
+    capacity: int | None = Field(default=None, gt=0, le=100_000)
+    location: Location | None = None
+    postpay_enabled: bool | None = None
+
+
 class LotOut(BaseModel):
     id: str
     code: str
@@ -110,25 +120,60 @@ class LotOut(BaseModel):
     location: Location
     postpay_enabled: bool
     free_spaces: int | None
-    key_ids: list[str]
+    online: bool = Field(description="A heartbeat arrived within the last 5 minutes")
+    last_heartbeat_at: datetime | None = None
+    key_ids: list[str] = Field(description="Active keys (at most two)")
     tariff: dict[str, Any] | None
     created_at: datetime
 
 
+class LotSummary(BaseModel):
+    id: str
+    code: str
+    name: str
+    district: str
+    operator_id: str
+    capacity: int
+    location: Location
+    postpay_enabled: bool
+    free_spaces: int
+    online: bool
+    created_at: datetime
+
+
+class LotPage(BaseModel):
+    items: list[LotSummary]
+    next_cursor: str | None
+
+
+class OperatorPage(BaseModel):
+    items: list[OperatorOut]
+    next_cursor: str | None
+
+
 class TariffUpdate(Strict):
-    effective_from: AwareDatetime
+    effective_from: AwareDatetime | None = Field(
+        default=None,
+        description="When the version takes effect; now when left out. Never in the past.",
+        examples=["2026-12-01T00:00:00+08:00"],
+    )
     tariff: dict[str, Any] = Field(examples=[EXAMPLE_TARIFF])
 
 
 class TariffVersionOut(BaseModel):
+    id: str
     lot_id: str
     effective_from: datetime
+    in_force: bool = Field(description="This version prices stays entering now")
+    created_at: datetime
     tariff: dict[str, Any]
 
 
 class KeyOut(BaseModel):
     key_id: str
     created_at: datetime
+    revoked_at: datetime | None = None
+    active: bool = True
 
 
 class DistrictCreate(Strict):
@@ -171,6 +216,7 @@ class LotNearby(BaseModel):
     capacity: int
     free_spaces: int | None
     postpay_enabled: bool
+    online: bool = Field(description="A heartbeat arrived within the last 5 minutes")
     tariff_summary: str
 
 
@@ -196,5 +242,50 @@ class KeyResolution(BaseModel):
 class PriceOut(BaseModel):
     lot_id: str
     operator_id: str
+    commission_bps: int  # the operator's, at pricing time: billing books the city's share
     fee_fen: int
     breakdown: list[dict[str, Any]]
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str = Field(description="Id of the admin token that made the change")
+    role: str
+    action: str
+    entity: str
+    entity_id: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEntryOut]
+    next_cursor: str | None
+
+
+class DistrictStats(BaseModel):
+    district: str
+    name: str
+    lots_connected: int = 0
+    lots_online: int = 0
+    lots_offline: int = 0
+    capacity: int = 0
+    free_spaces: int = 0
+    parkings_today: int = 0
+    parkings_served: int = 0
+
+
+class LotsStats(BaseModel):
+    """Internal: the lots service's share of the city's figures."""
+
+    districts: int
+    operators: int
+    lots_connected: int
+    lots_online: int
+    lots_offline: int
+    capacity: int
+    free_spaces: int
+    free_spaces_reported: int
+    parkings_today: int
+    by_district: list[DistrictStats]

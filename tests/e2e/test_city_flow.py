@@ -211,6 +211,13 @@ def test_postpay_parking_flows_through_the_city(city: City) -> None:
     assert (stranger.decision, stranger.reason) == ("pay_on_site", "not_enrolled")
 
 
+def test_gateway_documents_the_whole_city(city: City) -> None:
+    paths = httpx.get(f"{city.gateway}/openapi.json", timeout=20).json()["paths"]
+    for path in ("/v1/connector/exits", "/v1/admin/lots", "/v1/me/sessions", "/v1/me/charges",
+                 "/v1/quotes", "/v1/auth/token", "/v1/admin/stats"):
+        assert path in paths, path
+
+
 def test_bad_input_answers_problems_never_500(city: City) -> None:
     http = httpx.Client(base_url=city.gateway, timeout=20)
     admin = {"Authorization": f"Bearer {city.admin_token()}"}

@@ -130,6 +130,33 @@ def test_daytime_stays(minutes: int, expected: int) -> None:
     assert fee(sh(3, 10), sh(3, 10) + timedelta(minutes=minutes)) == expected
 
 
+@pytest.mark.parametrize(
+    ("entered", "exited", "expected"),
+    [
+        ((9, 0), (9, 15), 0),
+        ((9, 0), (9, 16), 500),
+        ((9, 0), (10, 1), 650),
+        ((20, 0), (23, 30), 700),
+    ],
+)
+def test_the_issue_worked_examples(
+    entered: tuple[int, int], exited: tuple[int, int], expected: int
+) -> None:
+    """Entry → exit in Suzhou local time, a small car with a blue plate, the §8 tariff."""
+    assert fee(sh(3, *entered), sh(3, *exited)) == expected
+
+
+def test_the_evening_example_line_by_line() -> None:
+    result = quote(TARIFF, sh(3, 20), sh(3, 23, 30), "small", "blue")
+    assert [
+        (line.period_start, line.from_, line.to, line.units, line.amount_fen, line.cap_applied)
+        for line in result.breakdown
+    ] == [
+        ("07:00", sh(3, 20), sh(3, 21), 1, 500, False),
+        ("21:00", sh(3, 21), sh(4, 1), 2, 200, False),
+    ]
+
+
 def test_free_minutes_are_flagged_and_leave_no_lines() -> None:
     result = quote(TARIFF, sh(3, 10), sh(3, 10, 10), "small", "blue")
     assert result == Quote(fee_fen=0, breakdown=[], free_minutes_applied=True, fully_covered=False)
@@ -779,3 +806,55 @@ def test_free_windows_never_raise_the_fee(
     )
     assert with_pass.fee_fen <= plain.fee_fen
     assert [line.units for line in with_pass.breakdown] == [line.units for line in plain.breakdown]
+
+
+@SLOW
+@given(data=st.data(), tariff=tariffs(ALL_ZONES), color=colors)
+def test_free_inside_the_free_minutes(
+    data: st.DataObject, tariff: Tariff, color: PlateColor
+) -> None:
+    free = tariff.free_minutes + (tariff.green_free_minutes if color is PlateColor.GREEN else 0)
+    entered = data.draw(entries)
+    inside = data.draw(st.integers(0, free * 60_000_000))
+    result = quote(tariff, entered, entered + timedelta(microseconds=inside), "small", color)
+    assert (result.fee_fen, result.breakdown, result.free_minutes_applied) == (0, [], True)
+
+
+@SLOW
+@given(
+    data=st.data(),
+    tariff=tariffs(ALL_ZONES),
+    duration=durations,
+    cut=st.floats(0, 1),
+    color=colors,
+)
+def test_splitting_never_changes_a_quotes_sum(
+    data: st.DataObject, tariff: Tariff, duration: timedelta, cut: float, color: PlateColor
+) -> None:
+    """However a stay's bill is split, the parts add up to the quote.
+
+    Split into its lines (stretches), the amounts add up to the fee; split in time at any
+    instant, the quote up to then (the live `fee_so_far_fen`) is the final bill's lines up to
+    then: every line but the last of the shorter quote reappears unchanged, so what a driver
+    saw while parked is part of what they are charged, and the rest is the lines added after.
+    """
+    entered = data.draw(entries)
+    exited = entered + duration
+    split = entered + duration * cut
+    whole = quote(tariff, entered, exited, "small", color)
+    part = quote(tariff, entered, split, "small", color)
+
+    assert whole.fee_fen == sum(line.amount_fen for line in whole.breakdown)
+    assert part.fee_fen == sum(line.amount_fen for line in part.breakdown)
+    if part.free_minutes_applied:
+        return
+    settled = part.breakdown[:-1]
+    assert whole.breakdown[: len(settled)] == settled
+    last, grown = part.breakdown[-1], whole.breakdown[len(settled)]
+    assert (last.period_start, last.from_) == (grown.period_start, grown.from_)
+    assert grown.units >= last.units
+    assert grown.amount_fen >= last.amount_fen
+    assert (
+        whole.fee_fen - part.fee_fen
+        == sum(line.amount_fen for line in whole.breakdown[len(settled) :]) - last.amount_fen
+    )

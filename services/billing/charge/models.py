@@ -41,6 +41,10 @@ class Charge(Base):
     entered_at: Mapped[datetime]
     exited_at: Mapped[datetime]
     amount_fen: Mapped[int]
+    # The operator's commission rate when the stay was priced; the capture books it.
+    commission_bps: Mapped[int] = mapped_column(default=0)
+    # Sum of succeeded refunds (a per-charge counter; the ledger holds the money itself).
+    refunded_fen: Mapped[int] = mapped_column(default=0)
     breakdown: Mapped[dict[str, Any]]
     status: Mapped[ChargeStatus] = mapped_column(String(12), default=ChargeStatus.pending)
     provider: Mapped[str | None] = mapped_column(String(40), default=None)

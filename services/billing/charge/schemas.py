@@ -5,6 +5,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from services.billing.refund.schemas import DisputeOut
+
 
 class ChargeOut(BaseModel):
     id: str
@@ -15,11 +17,18 @@ class ChargeOut(BaseModel):
     entered_at: datetime
     exited_at: datetime
     amount_fen: int
+    refunded_fen: int = 0
     status: str
     failure_code: str | None
     captured_at: datetime | None
     breakdown: dict[str, Any]
     created_at: datetime
+
+
+class ChargeDetail(ChargeOut):
+    """One charge with its disputes and their outcome (refund or rejection)."""
+
+    disputes: list[DisputeOut] = []
 
 
 class ArrearsOut(BaseModel):
@@ -32,3 +41,12 @@ class LedgerCheck(BaseModel):
     sum_fen: int
     journals: int
     unbalanced_journals: list[str]
+
+
+class DriverArrears(BaseModel):
+    driver_id: str
+    phone: str
+    postpay: str | None
+    arrears_fen: int
+    charges: int
+    oldest_exited_at: datetime

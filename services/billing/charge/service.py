@@ -1,8 +1,9 @@
-"""The charge lifecycle, an explicit state machine:
+"""The charge lifecycle, an explicit state machine (docs/billing.md has the full diagram):
 
     pending ──send──▶ captured | declined
        │  └─timeout─▶ unknown ──query──▶ captured | declined | (never seen) pending
        └─transient error─▶ pending again, later (backoff)
+    declined ──pay arrears──▶ pending          any state ──signed "captured" notice──▶ captured
 
 A charge is created in the same transaction that consumes its session's closing event and is
 sent to the provider afterwards by the charge worker, so a crash between the two loses nothing:
@@ -27,6 +28,7 @@ from services.billing.provider.port import (
     ChargeResult,
     Outcome,
     PaymentProvider,
+    ProviderRejected,
     ProviderTimeout,
     ProviderUnavailable,
 )
@@ -73,6 +75,8 @@ def open_charge(db: Session, lots: InternalClient, closed: SessionClosed) -> Cha
         entered_at=closed.entered_at,
         exited_at=closed.exited_at,
         amount_fen=amount,
+        # Until lots answers it with the price, the commission is 0 bps (docs/billing.md).
+        commission_bps=int(price.get("commission_bps") or 0),
         breakdown={"lines": price["breakdown"]},
         status=ChargeStatus.free if amount == 0 else ChargeStatus.pending,
     )
@@ -108,31 +112,66 @@ def _publish(db: Session, charge: Charge, type_: EventType) -> None:
 
 
 def _apply(db: Session, settings: Settings, charge: Charge, result: ChargeResult) -> None:
+    """Book the provider's final answer. Callers hold the charge's row lock and have checked
+    that it is not captured yet, so a capture is booked once whichever answer comes first."""
     if result.outcome is Outcome.captured:
         charge.status = ChargeStatus.captured
+        charge.provider = charge.provider or "sandbox"
         charge.provider_trade_no = result.trade_no
         charge.captured_at = result.captured_at or utcnow()
         charge.failure_code = None
+        fee = ledger.commission_of(charge.amount_fen, charge.commission_bps)
         ledger.post(
             db,
-            kind="charge_captured",
+            kind=ledger.JournalKind.charge_captured,
             ref_type="charge",
             ref_id=charge.id,
             at=charge.captured_at,
-            lines=[
-                (ledger.provider_account(charge.provider or "sandbox"), charge.amount_fen),
-                (ledger.operator_payable(charge.operator_id), -charge.amount_fen),
-            ],
+            lines=ledger.capture_lines(charge.provider, charge.operator_id, charge.amount_fen, fee),
         )
+        if ledger.exists(db, ledger.JournalKind.arrears_opened, "charge", charge.id):
+            ledger.post(
+                db,
+                kind=ledger.JournalKind.arrears_cleared,
+                ref_type="charge",
+                ref_id=charge.id,
+                at=charge.captured_at,
+                lines=[
+                    (ledger.arrears_deferred(charge.operator_id), charge.amount_fen),
+                    (ledger.driver_receivable(charge.driver_id), -charge.amount_fen),
+                ],
+            )
         _publish(db, charge, EventType.charge_captured)
         log.info("charge.captured", charge_id=charge.id, amount_fen=charge.amount_fen)
     else:
         charge.status = ChargeStatus.declined
         charge.failure_code = result.failure_code or "declined"
+        if not ledger.exists(db, ledger.JournalKind.arrears_opened, "charge", charge.id):
+            ledger.post(
+                db,
+                kind=ledger.JournalKind.arrears_opened,
+                ref_type="charge",
+                ref_id=charge.id,
+                at=utcnow(),
+                lines=[
+                    (ledger.driver_receivable(charge.driver_id), charge.amount_fen),
+                    (ledger.arrears_deferred(charge.operator_id), -charge.amount_fen),
+                ],
+            )
         _publish(db, charge, EventType.charge_declined)
         log.info("charge.declined", charge_id=charge.id, reason=charge.failure_code)
     # Arrears (and so post-pay) may have changed: the gate must learn it.
     drivers.publish_account_state(db, settings, drivers.get_driver(db, charge.driver_id))
+
+
+def apply_notice(db: Session, settings: Settings, charge: Charge, result: ChargeResult) -> bool:
+    """A signed capture notice from the provider, in whatever order it arrives relative to the
+    synchronous answer; True when it changed something."""
+    if charge.status == ChargeStatus.captured or result.outcome is not Outcome.captured:
+        # Only captures are notified; a capture already booked is the duplicate case.
+        return False
+    _apply(db, settings, charge, result)
+    return True
 
 
 def _backoff(charge: Charge) -> None:
@@ -178,6 +217,9 @@ def advance(
         _backoff(charge)
         log.warning("charge.retry", charge_id=charge.id, attempts=charge.attempts, error=str(exc))
         return
+    except ProviderRejected as exc:
+        # The provider refuses the request itself: never retried blindly, it is arrears.
+        result = ChargeResult(Outcome.declined, None, exc.code, None)
     _apply(db, settings, charge, result)
 
 
@@ -244,6 +286,7 @@ def pay_arrears(db: Session, driver_id: str) -> list[Charge]:
     for charge in owed:
         charge.status = ChargeStatus.pending
         charge.next_attempt_at = utcnow()
+        charge.attempts += 1  # a new attempt: its events get new ids
     db.flush()
     return owed
 
@@ -272,3 +315,78 @@ def stats(db: Session, since: datetime) -> dict[str, int]:
         "captured_fen_since": scalar(amount.where(captured, Charge.captured_at >= since)),
         "arrears_fen": scalar(amount.where(Charge.status == ChargeStatus.declined)),
     }
+
+
+def sweep_arrears(db: Session, settings: Settings, limit: int = 500) -> int:
+    """Suspend drivers whose oldest arrears just passed the grace period.
+
+    Declines and captures publish the new state themselves; only the passing of time needs a
+    periodic look. Returns how many drivers' state was published."""
+    cutoff = utcnow() - timedelta(days=settings.arrears_grace_days)
+    overdue = (
+        select(Charge.driver_id)
+        .where(Charge.status == ChargeStatus.declined, Charge.exited_at < cutoff)
+        .distinct()
+    )
+    stale = list(
+        db.scalars(
+            select(Driver)
+            .where(
+                Driver.id.in_(overdue),
+                or_(Driver.postpay_published.is_(None), Driver.postpay_published != "suspended"),
+            )
+            .limit(limit)
+        )
+    )
+    for driver in stale:
+        drivers.publish_account_state(db, settings, driver)
+        log.info("arrears.suspended", driver_id=driver.id)
+    return len(stale)
+
+
+def search_arrears(
+    db: Session,
+    *,
+    phone: str | None = None,
+    driver_id: str | None = None,
+    min_fen: int = 0,
+    older_than_days: int | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Drivers with arrears, biggest first: for ops to see, chase and search."""
+    owed = func.sum(Charge.amount_fen)
+    query = (
+        select(
+            Driver.id,
+            Driver.phone,
+            Driver.postpay_published,
+            owed.label("arrears_fen"),
+            func.count(Charge.id).label("charges"),
+            func.min(Charge.exited_at).label("oldest"),
+        )
+        .join(Driver, Driver.id == Charge.driver_id)
+        .where(Charge.status == ChargeStatus.declined)
+        .group_by(Driver.id, Driver.phone, Driver.postpay_published)
+        .having(owed >= min_fen)
+        .order_by(owed.desc(), Driver.id)
+        .limit(limit)
+    )
+    if phone:
+        query = query.where(Driver.phone == drivers.normalize_phone(phone))
+    if driver_id:
+        query = query.where(Driver.id == driver_id)
+    if older_than_days is not None:
+        query = query.having(
+            func.min(Charge.exited_at) < utcnow() - timedelta(days=older_than_days)
+        )
+    return [
+        {
+            "driver_id": row.id,
+            "phone": drivers.mask_phone(row.phone),
+            "postpay": row.postpay_published,
+            "arrears_fen": int(row.arrears_fen),
+            "charges": int(row.charges),
+            "oldest_exited_at": row.oldest,
+        }
+        for row in db.execute(query)
+    ]

@@ -19,6 +19,8 @@ class Driver(Base):
     phone: Mapped[str] = mapped_column(String(20), unique=True)
     # Bumped on every change of post-pay state; consumers keep the newest snapshot.
     state_version: Mapped[int] = mapped_column(default=0)
+    # The post-pay state last published, so the periodic arrears check only speaks on change.
+    postpay_published: Mapped[str | None] = mapped_column(String(12), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

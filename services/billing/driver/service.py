@@ -174,11 +174,13 @@ def postpay_status(db: Session, settings: Settings, driver_id: str) -> PostpaySt
 
 def publish_account_state(db: Session, settings: Settings, driver: Driver) -> None:
     driver.state_version += 1
+    postpay = postpay_status(db, settings, driver.id)
+    driver.postpay_published = postpay.value
     db.flush()
     data = AccountUpdated(
         driver_id=driver.id,
         version=driver.state_version,
-        postpay=postpay_status(db, settings, driver.id),
+        postpay=postpay,
         vehicles=[
             VehicleRef(plate=v.plate, plate_color=v.plate_color) for v in vehicles_of(db, driver.id)
         ],

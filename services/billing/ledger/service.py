@@ -1,7 +1,23 @@
-"""Journals and the ledger check. Every movement of money is one balanced journal."""
+"""Journals over a small chart of accounts, and the ledger check.
+
+Every movement of money is one balanced journal (debits positive, credits negative); balances
+derive from entries, so no row — not even a busy operator's balance — is updated per charge.
+
+Chart of accounts (one account per party where a party is involved):
+
+| account                               | holds                                              |
+|---------------------------------------|----------------------------------------------------|
+| `asset:provider_clearing:<provider>`  | money the provider took for us and still holds     |
+| `asset:driver_receivable:<driver>`    | arrears: what a driver owes after a decline        |
+| `liability:arrears_deferred:<op>`     | the other side of arrears, not yet the operator's  |
+| `liability:operator_payable:<op>`     | what we owe an operator for captured parkings      |
+| `revenue:city_commission:<op>`        | the city's commission, per operator it came from   |
+| `contra:refunds:<op>`                 | refunds given back on an operator's parkings       |
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
@@ -9,8 +25,17 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.billing.ledger.models import Journal, LedgerEntry
+from shared.money import commission
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+class JournalKind:
+    charge_captured = "charge_captured"
+    arrears_opened = "arrears_opened"
+    arrears_cleared = "arrears_cleared"
+    refund = "refund"
+    settlement = "settlement"
 
 
 class UnbalancedJournal(ValueError):
@@ -22,12 +47,42 @@ def business_date(at: datetime) -> date:
     return at.astimezone(SHANGHAI).date()
 
 
-def provider_account(provider: str) -> str:
-    return f"asset:provider:{provider}"
+def provider_clearing(provider: str) -> str:
+    return f"asset:provider_clearing:{provider}"
+
+
+provider_account = provider_clearing  # the name the charge path has always used
+
+
+def driver_receivable(driver_id: str) -> str:
+    return f"asset:driver_receivable:{driver_id}"
+
+
+def arrears_deferred(operator_id: str) -> str:
+    return f"liability:arrears_deferred:{operator_id}"
 
 
 def operator_payable(operator_id: str) -> str:
-    return f"liability:operator:{operator_id}"
+    return f"liability:operator_payable:{operator_id}"
+
+
+def city_commission(operator_id: str) -> str:
+    return f"revenue:city_commission:{operator_id}"
+
+
+def refunds(operator_id: str) -> str:
+    return f"contra:refunds:{operator_id}"
+
+
+def exists(db: Session, kind: str, ref_type: str, ref_id: str) -> bool:
+    return (
+        db.scalar(
+            select(Journal.id).where(
+                Journal.kind == kind, Journal.ref_type == ref_type, Journal.ref_id == ref_id
+            )
+        )
+        is not None
+    )
 
 
 def post(
@@ -38,16 +93,101 @@ def post(
     ref_id: str,
     at: datetime,
     lines: list[tuple[str, int]],
+    day: date | None = None,
 ) -> Journal:
+    lines = [(account, amount) for account, amount in lines if amount != 0]
     if sum(amount for _, amount in lines) != 0:
         raise UnbalancedJournal(f"{kind} {ref_id}: lines sum to {sum(a for _, a in lines)}")
-    journal = Journal(kind=kind, ref_type=ref_type, ref_id=ref_id, business_date=business_date(at))
+    journal = Journal(
+        kind=kind, ref_type=ref_type, ref_id=ref_id, business_date=day or business_date(at)
+    )
     db.add(journal)
     db.flush()
     for account, amount in lines:
         db.add(LedgerEntry(journal_id=journal.id, account=account, amount_fen=amount))
     db.flush()
     return journal
+
+
+def capture_lines(
+    provider: str, operator_id: str, amount_fen: int, commission_fen: int
+) -> list[tuple[str, int]]:
+    """The provider holds the money; we owe the operator all of it but the city's commission."""
+    return [
+        (provider_clearing(provider), amount_fen),
+        (operator_payable(operator_id), -(amount_fen - commission_fen)),
+        (city_commission(operator_id), -commission_fen),
+    ]
+
+
+def refund_lines(
+    provider: str, operator_id: str, amount_fen: int, commission_back_fen: int
+) -> list[tuple[str, int]]:
+    """The money leaves the provider; the operator bears the refund, the city returns its cut."""
+    return [
+        (refunds(operator_id), amount_fen),
+        (provider_clearing(provider), -amount_fen),
+        (city_commission(operator_id), commission_back_fen),
+        (operator_payable(operator_id), -commission_back_fen),
+    ]
+
+
+def commission_of(amount_fen: int, bps: int) -> int:
+    """Per charge, half up to the fen (shared.money.commission)."""
+    return commission(amount_fen, bps)
+
+
+def commission_back(
+    refund_fen: int, bps: int, captured_fen: int, refunded_before_fen: int, taken_back_fen: int
+) -> int:
+    """The commission returned with a refund: proportional (half up), never more than was
+    charged, and exactly the rest once the charge is fully refunded."""
+    charged = commission(captured_fen, bps)
+    if refunded_before_fen + refund_fen >= captured_fen:
+        return charged - taken_back_fen
+    return min(commission(refund_fen, bps), charged - taken_back_fen)
+
+
+@dataclass(frozen=True)
+class OperatorDay:
+    operator_id: str
+    captured_fen: int
+    refunded_fen: int
+    commission_fen: int
+
+    @property
+    def payable_fen(self) -> int:
+        return self.captured_fen - self.refunded_fen - self.commission_fen
+
+
+def operator_days(db: Session, day: date) -> list[OperatorDay]:
+    """Each operator's money of one business day, derived from the entries alone."""
+    rows = db.execute(
+        select(Journal.kind, LedgerEntry.account, func.sum(LedgerEntry.amount_fen))
+        .join(Journal, Journal.id == LedgerEntry.journal_id)
+        .where(Journal.business_date == day, Journal.kind != JournalKind.settlement)
+        .group_by(Journal.kind, LedgerEntry.account)
+    ).all()
+    acc: dict[str, dict[str, int]] = {}
+
+    def bucket(op: str) -> dict[str, int]:
+        return acc.setdefault(op, {"captured": 0, "refunded": 0, "commission": 0})
+
+    for kind, account, total in rows:
+        prefix, _, op = account.rpartition(":")
+        total = int(total)
+        if prefix == "liability:operator_payable" and kind == JournalKind.charge_captured:
+            bucket(op)["captured"] -= total
+        elif prefix == "revenue:city_commission":
+            bucket(op)["commission"] -= total
+            if kind == JournalKind.charge_captured:
+                bucket(op)["captured"] -= total
+        elif prefix == "contra:refunds":
+            bucket(op)["refunded"] += total
+    return [
+        OperatorDay(op, v["captured"], v["refunded"], v["commission"])
+        for op, v in sorted(acc.items())
+    ]
 
 
 def check(db: Session) -> tuple[bool, int, int, list[str]]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from services.gateway.connector import service
-from services.gateway.connector.auth import LotAuth
+from services.gateway.connector import ratelimit, service
+from services.gateway.connector.auth import Caller, LotAuth
 from services.gateway.connector.schemas import (
     BatchIn,
     BatchOut,
@@ -16,6 +17,7 @@ from services.gateway.connector.schemas import (
     ExitIn,
     ExitOut,
     HeartbeatIn,
+    HeartbeatOut,
 )
 from services.gateway.gate import state
 from shared.errors import (
@@ -24,6 +26,7 @@ from shared.errors import (
     NonceReused,
     PlateColorInvalid,
     PlateInvalid,
+    RateLimited,
     SignatureExpired,
     SignatureInvalid,
     SignatureMissing,
@@ -34,7 +37,13 @@ from shared.runtime import Runtime
 router = APIRouter(prefix="/v1/connector", tags=["connector (car parks)"])
 
 SIGNED = problem_responses(
-    SignatureMissing, SignatureInvalid, KeyUnknown, SignatureExpired, NonceReused, DigestMismatch
+    SignatureMissing,
+    SignatureInvalid,
+    KeyUnknown,
+    SignatureExpired,
+    NonceReused,
+    DigestMismatch,
+    RateLimited,
 )
 EVENT_ERRORS = problem_responses(PlateInvalid, PlateColorInvalid, service.OccurredAtOutOfRange)
 
@@ -43,14 +52,24 @@ def _rt(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
+async def _over_budget(request: Request, caller: Caller) -> JSONResponse | None:
+    """The 429 answer when the lot is over its request budget (checked after the signature,
+    so nobody can spend a lot's budget with requests it did not sign)."""
+    assert caller.lot_id
+    wait = await run_in_threadpool(ratelimit.check, _rt(request), caller.lot_id)
+    return None if wait is None else ratelimit.too_many(wait)
+
+
 @router.post(
     "/entries",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=EntryOut,
     responses={**SIGNED, **EVENT_ERRORS},
 )
-async def report_entry(data: EntryIn, caller: LotAuth, request: Request) -> EntryOut:
+async def report_entry(data: EntryIn, caller: LotAuth, request: Request) -> EntryOut | Response:
     """A vehicle entered. Durable once answered; a repeated `event_id` answers `duplicate`."""
+    if (limited := await _over_budget(request, caller)) is not None:
+        return limited
     rt = _rt(request)
 
     def run() -> EntryOut:
@@ -63,10 +82,12 @@ async def report_entry(data: EntryIn, caller: LotAuth, request: Request) -> Entr
 
 
 @router.post("/exits", response_model=ExitOut, responses={**SIGNED, **EVENT_ERRORS})
-async def report_exit(data: ExitIn, caller: LotAuth, request: Request) -> ExitOut:
+async def report_exit(data: ExitIn, caller: LotAuth, request: Request) -> ExitOut | Response:
     """A vehicle is at the exit gate: may it leave and pay afterwards (`postpay`)?
 
     The exit is durably recorded before the answer."""
+    if (limited := await _over_budget(request, caller)) is not None:
+        return limited
     rt = _rt(request)
 
     def run() -> ExitOut:
@@ -79,8 +100,12 @@ async def report_exit(data: ExitIn, caller: LotAuth, request: Request) -> ExitOu
 
 
 @router.post("/batches", response_model=BatchOut, responses=SIGNED)
-async def report_batch(data: BatchIn, caller: LotAuth, request: Request) -> BatchOut:
-    """Up to 500 entries/exits at once (replay after an outage); one result per item."""
+async def report_batch(data: BatchIn, caller: LotAuth, request: Request) -> BatchOut | Response:
+    """Up to 500 entries/exits at once (replay after an outage); one result per item, in order.
+
+    A batch counts as one request against the lot's budget."""
+    if (limited := await _over_budget(request, caller)) is not None:
+        return limited
     results = await run_in_threadpool(service.batch, _rt(request), caller, data.events)
     return BatchOut(
         accepted=sum(r.status == "accepted" for r in results),
@@ -90,21 +115,47 @@ async def report_batch(data: BatchIn, caller: LotAuth, request: Request) -> Batc
     )
 
 
-@router.post("/heartbeats", responses=SIGNED)
-async def heartbeat(data: HeartbeatIn, caller: LotAuth, request: Request) -> dict[str, str]:
+@router.post("/heartbeats", response_model=HeartbeatOut, responses=SIGNED)
+async def heartbeat(
+    data: HeartbeatIn, caller: LotAuth, request: Request
+) -> HeartbeatOut | Response:
     """Free spaces now (feeds the drivers' map) and the SDK version."""
+    if (limited := await _over_budget(request, caller)) is not None:
+        return limited
     rt = _rt(request)
-    await run_in_threadpool(
-        rt.internal("lots").call,
-        "POST",
-        f"/internal/lots/{caller.lot_id}/heartbeat",
-        data.model_dump(),
-    )
-    return {"status": "ok"}
+    try:
+        await run_in_threadpool(
+            rt.internal("lots").call,
+            "POST",
+            f"/internal/lots/{caller.lot_id}/heartbeat",
+            data.model_dump(),
+        )
+    except ValueError:
+        pass  # recorded; the lots service answers 204 No Content, which has no JSON to read
+    return HeartbeatOut()
 
 
-@router.get("/eligibility", response_model=EligibilityOut, responses=SIGNED)
-async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut:
-    """Hashed plates allowed to leave on post-pay now, for gate decisions while offline."""
+@router.get(
+    "/eligibility",
+    response_model=EligibilityOut,
+    responses={**SIGNED, 304: {"description": "Unchanged since the version in If-None-Match"}},
+)
+async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Response:
+    """Hashed plates allowed to leave on post-pay now, for gate decisions while offline.
+
+    `vehicles` holds sha256("<plate>:<plate_color>") of normalised plates. The answer carries
+    an `ETag`; send it back in `If-None-Match` to get 304 while nothing changed."""
+    if (limited := await _over_budget(request, caller)) is not None:
+        return limited
     version, hashes = await run_in_threadpool(state.eligibility, _rt(request).redis)
-    return EligibilityOut(version=version, vehicles=hashes)
+    # The lot's post-pay flag is part of the answer, so it is part of the tag.
+    etag = f'"{version}-{int(caller.postpay_enabled)}"'
+    if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    # A lot without post-pay decides `pay_on_site` anyway; it has no use for drivers' hashes.
+    out = EligibilityOut(
+        version=version,
+        lot_postpay_enabled=caller.postpay_enabled,
+        vehicles=hashes if caller.postpay_enabled else [],
+    )
+    return JSONResponse(out.model_dump(mode="json"), headers={"ETag": etag})

@@ -70,7 +70,12 @@ class HeartbeatIn(Strict):
     sdk_version: str = Field(max_length=40)
 
 
+class HeartbeatOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
 class EligibilityOut(BaseModel):
     version: int
+    lot_postpay_enabled: bool = True
     hash: Literal["sha256(plate:plate_color)"] = "sha256(plate:plate_color)"
     vehicles: list[str]

@@ -8,9 +8,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from services.gateway.districts import figures as feed_figures
 from shared.auth import ViewerAuth
 from shared.runtime import Runtime
 from shared.timeutil import utcnow
@@ -26,11 +27,29 @@ class Growth(BaseModel):
     captured_fen: int
 
 
+class DistrictFigures(BaseModel):
+    """One district's share of the headline figures (from the lots service's registry and its
+    own count of closed sessions)."""
+
+    district: str
+    name: str
+    lots_connected: int
+    lots_online: int
+    lots_offline: int
+    capacity: int
+    free_spaces: int
+    parkings_today: int
+    parkings_served: int
+
+
 class CityStats(BaseModel):
     districts: int
     operators: int
     lots_connected: int
+    lots_online: int = Field(description="Lots with a heartbeat in the last 5 minutes")
+    lots_offline: int
     capacity: int
+    free_spaces: int = Field(description="Live free spaces over all lots")
     registered_drivers: int
     enrolled_drivers: int
     parkings_served: int
@@ -39,14 +58,21 @@ class CityStats(BaseModel):
     charges_captured: int
     captured_fen: int
     arrears_fen: int
+    parkings_today: int = Field(description="Sessions closed today (Asia/Shanghai calendar)")
     growth: Growth
+    by_district: list[DistrictFigures]
+    district_feeds: list[feed_figures.DistrictFeed] = Field(
+        default_factory=list,
+        description="Per district platform: records pushed by outcome, rejects by reason, "
+        "events per minute, consumer lag and last event time of its adapter",
+    )
 
 
 @router.get("/v1/admin/stats", response_model=CityStats)
 async def city_stats(
     _: ViewerAuth, request: Request, days: Annotated[int, Query(ge=1, le=3650)] = 30
 ) -> CityStats:
-    """The city's headline figures, and growth over the last `days`."""
+    """The city's headline figures, the same per district, and growth over the last `days`."""
     rt: Runtime = request.app.state.runtime
     since = (utcnow() - timedelta(days=days)).isoformat()
 
@@ -62,12 +88,16 @@ async def city_stats(
         }
 
     got = await run_in_threadpool(gather)
+    feeds = await run_in_threadpool(feed_figures.gather, rt)
     lots, sessions, billing = got["lots"], got["sessions"], got["billing"]
     return CityStats(
         districts=lots["districts"],
         operators=lots["operators"],
         lots_connected=lots["lots_connected"],
+        lots_online=lots["lots_online"],
+        lots_offline=lots["lots_offline"],
         capacity=lots["capacity"],
+        free_spaces=lots["free_spaces"],
         registered_drivers=billing["registered_drivers"],
         enrolled_drivers=billing["enrolled_drivers"],
         parkings_served=sessions["parkings_served"],
@@ -76,12 +106,15 @@ async def city_stats(
         charges_captured=billing["charges_captured"],
         captured_fen=billing["captured_fen"],
         arrears_fen=billing["arrears_fen"],
+        parkings_today=lots["parkings_today"],
         growth=Growth(
             period_days=days,
             new_drivers=billing["new_drivers_since"],
             parkings=sessions["parkings_since"],
             captured_fen=billing["captured_fen_since"],
         ),
+        by_district=[DistrictFigures.model_validate(d) for d in lots["by_district"]],
+        district_feeds=feeds,
     )
 
 

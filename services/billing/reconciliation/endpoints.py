@@ -1,0 +1,55 @@
+"""Reconciliation against the provider's daily statement: run, list, resolve."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, status
+
+from services.billing.reconciliation import service as reconciliations
+from services.billing.reconciliation.schemas import ReconciliationIn, ReconciliationOut, Resolution
+from shared.auth import FinanceAuth, ViewerAuth
+from shared.deps import DbSession
+from shared.errors import NotFound, UpstreamUnavailable
+from shared.http import problem_responses
+
+admin = APIRouter(prefix="/v1/admin", tags=["admin: billing"])
+
+
+@admin.post(
+    "/reconciliations",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ReconciliationOut,
+    responses=problem_responses(reconciliations.ProviderUnknown, UpstreamUnavailable),
+)
+def run(
+    data: ReconciliationIn, request: Request, _: FinanceAuth, db: DbSession
+) -> ReconciliationOut:
+    """Compare a day's captures and refunds with the provider's statement; the result is kept."""
+    return reconciliations.reconcile(
+        db, request.app.state.runtime.providers, data.provider, data.date
+    )
+
+
+@admin.get("/reconciliations", response_model=list[ReconciliationOut])
+def listing(
+    _: ViewerAuth,
+    db: DbSession,
+    date: date | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> list[ReconciliationOut]:
+    """Reconciliations, newest first, optionally of one day."""
+    return reconciliations.listing(db, date, limit)
+
+
+@admin.post(
+    "/reconciliations/{reconciliation_id}/resolution",
+    response_model=ReconciliationOut,
+    responses=problem_responses(NotFound, reconciliations.AlreadyResolved),
+)
+def resolve(
+    reconciliation_id: str, data: Resolution, who: FinanceAuth, db: DbSession
+) -> ReconciliationOut:
+    """Finance closes a reconciliation's differences with a note of what was done."""
+    return reconciliations.resolve(db, reconciliation_id, who.id, data.note)

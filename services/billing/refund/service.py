@@ -1,0 +1,239 @@
+"""Disputes and refunds. A refund is a small state machine of its own, like a charge:
+
+    pending ──send──▶ succeeded | failed
+       │  └─timeout─▶ unknown ──query──▶ succeeded | (never seen) pending
+       └─transient error─▶ pending again, later (backoff)
+
+Its id is the provider's `out_refund_no`, so a resend can never refund twice. Success books a
+reversing journal on the day the provider refunded (ledger.refund_lines).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.billing.charge.models import Charge, ChargeStatus
+from services.billing.ledger import service as ledger
+from services.billing.provider.port import (
+    PaymentProvider,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RefundResult,
+)
+from services.billing.refund.models import Dispute, DisputeStatus, Refund, RefundStatus
+from shared.errors import NotFound, problem
+from shared.timeutil import utcnow
+
+log = structlog.get_logger(__name__)
+MAX_BACKOFF = timedelta(minutes=10)
+
+ChargeNotDisputable = problem(
+    409, "charge_not_disputable", "Only a captured charge can be disputed"
+)
+DisputeAlreadyOpen = problem(409, "dispute_already_open", "This charge already has an open dispute")
+DisputeDecided = problem(409, "dispute_already_decided", "This dispute was already decided")
+RefundExceedsCaptured = problem(
+    422, "refund_exceeds_captured", "The refund would exceed what was captured"
+)
+
+
+def open_dispute(db: Session, driver_id: str, charge_id: str, reason: str) -> Dispute:
+    charge = db.get(Charge, charge_id)
+    if charge is None or charge.driver_id != driver_id:
+        raise NotFound("No such charge")
+    if charge.status != ChargeStatus.captured:
+        raise ChargeNotDisputable(f"The charge is {charge.status}")
+    if db.scalar(
+        select(Dispute.id).where(
+            Dispute.charge_id == charge_id,
+            Dispute.status.in_([DisputeStatus.open, DisputeStatus.refund_pending]),
+        )
+    ):
+        raise DisputeAlreadyOpen()
+    dispute = Dispute(charge_id=charge_id, driver_id=driver_id, reason=reason)
+    db.add(dispute)
+    db.flush()
+    log.info("dispute.opened", dispute_id=dispute.id, charge_id=charge_id)
+    return dispute
+
+
+def disputes_of_charge(db: Session, charge_id: str) -> list[Dispute]:
+    return list(
+        db.scalars(
+            select(Dispute).where(Dispute.charge_id == charge_id).order_by(Dispute.created_at)
+        )
+    )
+
+
+def refundable_fen(db: Session, charge: Charge) -> int:
+    """Captured minus every refund that has not failed (pending ones are money promised)."""
+    promised = db.scalar(
+        select(func.coalesce(func.sum(Refund.amount_fen), 0)).where(
+            Refund.charge_id == charge.id, Refund.status != RefundStatus.failed
+        )
+    )
+    return charge.amount_fen - int(promised or 0)
+
+
+def decide(
+    db: Session, dispute_id: str, admin_id: str, outcome: str, amount_fen: int | None
+) -> Dispute:
+    query = select(Dispute).where(Dispute.id == dispute_id)
+    if db.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()  # two finance clicks must not both refund
+    dispute = db.scalar(query)
+    if dispute is None:
+        raise NotFound("No such dispute")
+    if dispute.status != DisputeStatus.open:
+        raise DisputeDecided(f"The dispute is {dispute.status}")
+    dispute.outcome, dispute.decided_by, dispute.decided_at = outcome, admin_id, utcnow()
+    if outcome == "reject":
+        dispute.status = DisputeStatus.rejected
+        db.flush()
+        return dispute
+    charge_query = select(Charge).where(Charge.id == dispute.charge_id)
+    if db.get_bind().dialect.name == "postgresql":
+        charge_query = charge_query.with_for_update()
+    charge = db.scalar(charge_query)
+    assert charge is not None  # a dispute always has its charge
+    room = refundable_fen(db, charge)
+    amount = room if amount_fen is None else amount_fen
+    if amount <= 0 or amount > room:
+        raise RefundExceedsCaptured(
+            f"captured {charge.amount_fen}, refundable {room}, asked {amount}",
+            refundable_fen=room,
+        )
+    refund = Refund(charge_id=charge.id, dispute_id=dispute.id, amount_fen=amount)
+    db.add(refund)
+    db.flush()
+    dispute.status, dispute.amount_fen, dispute.refund_id = (
+        DisputeStatus.refund_pending,
+        amount,
+        refund.id,
+    )
+    db.flush()
+    log.info("dispute.refund_approved", dispute_id=dispute.id, amount_fen=amount)
+    return dispute
+
+
+def _succeed(db: Session, refund: Refund, result: RefundResult) -> None:
+    charge_query = select(Charge).where(Charge.id == refund.charge_id)
+    if db.get_bind().dialect.name == "postgresql":
+        charge_query = charge_query.with_for_update()  # refunds of a charge book one at a time
+    charge = db.scalar(charge_query)
+    assert charge is not None
+    taken_back = db.scalar(
+        select(func.coalesce(func.sum(Refund.commission_fen), 0)).where(
+            Refund.charge_id == charge.id, Refund.status == RefundStatus.succeeded
+        )
+    )
+    refund.commission_fen = ledger.commission_back(
+        refund.amount_fen,
+        charge.commission_bps,
+        charge.amount_fen,
+        charge.refunded_fen,
+        int(taken_back or 0),
+    )
+    refund.status = RefundStatus.succeeded
+    refund.refunded_at = result.refunded_at
+    refund.failure_code = None
+    charge.refunded_fen += refund.amount_fen
+    ledger.post(
+        db,
+        kind=ledger.JournalKind.refund,
+        ref_type="refund",
+        ref_id=refund.id,
+        at=result.refunded_at,
+        lines=ledger.refund_lines(
+            charge.provider or "sandbox",
+            charge.operator_id,
+            refund.amount_fen,
+            refund.commission_fen,
+        ),
+    )
+    _settle_dispute(db, refund, DisputeStatus.refunded)
+    log.info("refund.succeeded", refund_id=refund.id, amount_fen=refund.amount_fen)
+
+
+def _settle_dispute(db: Session, refund: Refund, status: DisputeStatus) -> None:
+    if refund.dispute_id:
+        dispute = db.get(Dispute, refund.dispute_id)
+        if dispute is not None:
+            dispute.status = status
+
+
+def apply_notice(db: Session, refund: Refund, result: RefundResult) -> bool:
+    """The provider's signed refund notice, in any order relative to its synchronous answer."""
+    if refund.status == RefundStatus.succeeded or result.amount_fen != refund.amount_fen:
+        return False
+    _succeed(db, refund, result)
+    return True
+
+
+def _backoff(refund: Refund) -> None:
+    refund.attempts += 1
+    refund.next_attempt_at = utcnow() + min(
+        timedelta(seconds=2 ** min(refund.attempts, 10)), MAX_BACKOFF
+    )
+
+
+def advance(db: Session, providers: dict[str, PaymentProvider], refund: Refund) -> None:
+    """Move one refund one step along its state machine (the caller holds its row lock)."""
+    charge = db.get(Charge, refund.charge_id)
+    assert charge is not None
+    provider = providers[charge.provider or "sandbox"]
+    try:
+        if refund.status == RefundStatus.unknown:
+            result = provider.query_refund(refund.id)
+            if result is None:  # never seen: sending again is safe
+                refund.status = RefundStatus.pending
+                return
+        else:
+            result = provider.refund(
+                out_trade_no=charge.id, out_refund_no=refund.id, amount_fen=refund.amount_fen
+            )
+    except ProviderTimeout:
+        refund.status = RefundStatus.unknown
+        _backoff(refund)
+        return
+    except ProviderUnavailable:
+        _backoff(refund)
+        return
+    except ProviderRejected as exc:
+        refund.status, refund.failure_code = RefundStatus.failed, exc.code
+        _settle_dispute(db, refund, DisputeStatus.refund_failed)
+        log.warning("refund.failed", refund_id=refund.id, code=exc.code)
+        return
+    _succeed(db, refund, result)
+
+
+def process_due(
+    factory: sessionmaker[Session], providers: dict[str, PaymentProvider], limit: int = 20
+) -> int:
+    with factory() as db:
+        ids = list(
+            db.scalars(
+                select(Refund.id)
+                .where(
+                    Refund.status.in_([RefundStatus.pending, RefundStatus.unknown]),
+                    Refund.next_attempt_at <= utcnow(),
+                )
+                .order_by(Refund.next_attempt_at)
+                .limit(limit)
+            )
+        )
+    for refund_id in ids:
+        with factory() as db, db.begin():
+            query = select(Refund).where(Refund.id == refund_id)
+            if db.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            refund = db.scalar(query)
+            if refund is None or refund.status not in (RefundStatus.pending, RefundStatus.unknown):
+                continue
+            advance(db, providers, refund)
+    return len(ids)

@@ -1,0 +1,1 @@
+"""District platforms pushing their records in their own dialect (SPEC §5)."""
