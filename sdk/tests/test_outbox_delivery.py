@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from citypark_connector import EventRejected, EventState, Outbox, plate_hash
 from citypark_connector._cli import app
+from conftest import INVALID_PLATE, FakeCity
 from typer.testing import CliRunner
-
-from .conftest import INVALID_PLATE, FakeCity
 
 PLATE = "苏E12345"
 
