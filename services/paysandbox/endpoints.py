@@ -233,7 +233,7 @@ def get_agreement(agreement_no: str, db: DbSession) -> AgreementOut:
 )
 def cancel_agreement(agreement_no: str, db: DbSession) -> AgreementOut:
     """Cancel the agreement (the account holder withdrew it): every later charge declines."""
-    a = db.get(Agreement, agreement_no)
+    a = db.get(Agreement, agreement_no, with_for_update=True)
     if a is None:
         raise AgreementUnknown()
     if a.status != "active":
@@ -250,7 +250,7 @@ def cancel_agreement(agreement_no: str, db: DbSession) -> AgreementOut:
 )
 def deposit(agreement_no: str, data: Deposit, db: DbSession) -> AgreementOut:
     """Top the account up (and clear a `insufficient_funds` behaviour: the money is there now)."""
-    a = db.get(Agreement, agreement_no)
+    a = db.get(Agreement, agreement_no, with_for_update=True)
     if a is None:
         raise AgreementUnknown()
     a.balance_fen += data.amount_fen
@@ -272,7 +272,7 @@ def create_charge(
     data: ChargeCreate, db: DbSession, request: Request, tasks: BackgroundTasks
 ) -> ChargeOut | JSONResponse | StreamingResponse:
     """Withhold an amount. Idempotent on `out_trade_no`; a decline answers 402."""
-    a = db.get(Agreement, data.agreement_no)
+    a = db.get(Agreement, data.agreement_no, with_for_update=True)
     if a is None:
         raise AgreementUnknown()
     refused = _flaky_refusal(a)
@@ -384,7 +384,7 @@ def create_refund(
     charge = db.scalar(query)
     if charge is None:
         raise ChargeUnknown(f"No charge {data.out_trade_no!r}")
-    a = db.get(Agreement, charge.agreement_no)
+    a = db.get(Agreement, charge.agreement_no, with_for_update=True)
     assert a is not None  # a charge always has its agreement
     refused = _flaky_refusal(a)
     if refused is not None:
