@@ -21,6 +21,7 @@ class EventType(StrEnum):
     account_updated = "citypark.account.updated"
     charge_captured = "citypark.charge.captured"
     charge_declined = "citypark.charge.declined"
+    refund_succeeded = "citypark.refund.succeeded"
 
 
 class CloudEvent(BaseModel):
@@ -164,3 +165,14 @@ class ChargeEvent(BaseModel):
     amount_fen: int
     status: str
     failure_code: str | None = None
+
+
+class RefundEvent(BaseModel):
+    """A refund the provider confirmed, on `citypark.billing-events` (key: driver id)."""
+
+    refund_id: str
+    charge_id: str
+    driver_id: str
+    amount_fen: int
+    # The red-letter invoice issued for it, when the charge had been invoiced.
+    credit_invoice_number: str | None = None

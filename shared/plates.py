@@ -154,3 +154,19 @@ def mask_plate(plate: str) -> str:
     if len(clean) <= 4:
         return clean[:1] + "*" * (len(clean) - 1)
     return clean[:2] + "*" * (len(clean) - 4) + clean[-2:]
+
+
+def mask_plate_for_message(plate: str) -> str:
+    """The masked plate drivers read in notifications and on invoices: `苏E12345` → `苏E·12*45`.
+
+    The familiar dot after the issuing letter is kept, as on the plate itself; the middle of the
+    serial is hidden, its first two and last two characters shown. Never fails (see mask_plate).
+    """
+    try:
+        clean = normalize_plate(plate)
+    except PlateInvalid:
+        clean = _clean(plate) if isinstance(plate, str) else ""
+    if len(clean) < 7 or clean[0] not in PROVINCES:
+        return mask_plate(clean)
+    serial = clean[2:]
+    return f"{clean[:2]}·{serial[:2]}{'*' * (len(serial) - 4)}{serial[-2:]}"

@@ -11,6 +11,7 @@ from ._client import (
 )
 from ._keys import generate_keypair, load_private_key
 from ._outbox import EventState, Outbox, OutboxEvent
+from ._passes import PassEntry
 from ._plates import normalize_plate, plate_hash
 from ._signing import SignatureAuth, sign_request
 from ._version import __version__
@@ -25,6 +26,7 @@ __all__ = [
     "ExitResult",
     "Outbox",
     "OutboxEvent",
+    "PassEntry",
     "SignatureAuth",
     "Snapshot",
     "__version__",

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -28,6 +28,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ._outbox import EventState, Outbox, OutboxEvent
+from ._passes import PASSES, PassEntry, PassKind, covering_reason, pass_body
 from ._plates import plate_hash
 from ._signing import SignatureAuth
 from ._version import __version__
@@ -105,6 +106,8 @@ class Snapshot:
     lot_postpay_enabled: bool
     vehicles: frozenset[str] = field(repr=False)
     etag: str | None = None
+    # The lot's live passes: a covered stay leaves `free` offline too.
+    passes: tuple[PassEntry, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -395,7 +398,12 @@ class ConnectorClient:
         now = time.time()
         if response.status_code == 304 and current is not None:
             snap = Snapshot(
-                current.version, now, current.lot_postpay_enabled, current.vehicles, current.etag
+                current.version,
+                now,
+                current.lot_postpay_enabled,
+                current.vehicles,
+                current.etag,
+                current.passes,
             )
         else:
             if response.is_error:
@@ -407,6 +415,7 @@ class ConnectorClient:
                 lot_postpay_enabled=bool(data.get("lot_postpay_enabled", True)),
                 vehicles=frozenset(str(v) for v in data["vehicles"]),
                 etag=response.headers.get("etag"),
+                passes=tuple(PassEntry.parse(p) for p in data.get("passes") or ()),
             )
         self._snapshot = snap
         self.outbox.set_meta(
@@ -418,19 +427,38 @@ class ConnectorClient:
                     "lot_postpay_enabled": snap.lot_postpay_enabled,
                     "vehicles": sorted(snap.vehicles),
                     "etag": snap.etag,
+                    "passes": [p.dump() for p in snap.passes],
                 }
             ),
         )
         return snap
 
-    def offline_decision(self, plate: str, plate_color: str) -> tuple[str, str]:
-        """`(decision, reason)` from the snapshot alone, as the gate decides without the city."""
+    def offline_decision(
+        self,
+        plate: str,
+        plate_color: str,
+        *,
+        at: datetime | None = None,
+        entered_at: datetime | None = None,
+    ) -> tuple[str, str]:
+        """`(decision, reason)` from the snapshot alone, as the gate decides without the city.
+
+        `free` when the snapshot's passes cover the stay from `entered_at` (if known) to `at`
+        (the exit, default now); without the entry only the exit instant is judged."""
         snap = self._snapshot
         if snap is None:
             return "pay_on_site", "offline_no_snapshot"
+        stale = time.time() - snap.fetched_at > self.snapshot_max_age_s
+        if not stale and snap.passes:
+            exited = at or datetime.now(UTC)
+            entered = entered_at if entered_at is not None and entered_at <= exited else exited
+            vehicle = plate_hash(plate, plate_color)
+            reason = covering_reason(snap.passes, vehicle, entered, exited)
+            if reason is not None:
+                return "free", reason
         if not snap.lot_postpay_enabled:
             return "pay_on_site", "lot_not_postpay"
-        if time.time() - snap.fetched_at > self.snapshot_max_age_s:
+        if stale:
             return "pay_on_site", "offline_snapshot_stale"
         if plate_hash(plate, plate_color) in snap.vehicles:
             return "postpay", "enrolled"
@@ -478,6 +506,36 @@ class ConnectorClient:
         """Send one exit right now, bypassing the outbox, and return the city's decision."""
         body = _exit_body(event_id, occurred_at, plate, plate_color, lane)
         return _decision(_json_object(self.request("POST", EXITS, json=body)), body["event_id"])
+
+    def put_pass(
+        self,
+        pass_id: str,
+        *,
+        plate: str,
+        plate_color: PlateColor | str,
+        kind: PassKind,
+        valid_from: datetime | date,
+        valid_to: datetime | date,
+        window: tuple[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Create or replace a pass or whitelist entry (SPEC §10); the stored pass comes back,
+        its `status` `created`, `updated` or `unchanged`. Safe to repeat after a failure.
+
+        A date without a time is a whole day on the lot's clock (`valid_to` included);
+        `window=("21:00", "07:00")` makes a night-only pass."""
+        body = pass_body(
+            plate=plate,
+            plate_color=plate_color,
+            kind=kind,
+            valid_from=valid_from,
+            valid_to=valid_to,
+            window=window,
+        )
+        return _json_object(self.request("PUT", f"{PASSES}/{pass_id}", json=body))
+
+    def delete_pass(self, pass_id: str) -> None:
+        """Withdraw a pass. Repeating it is harmless; an unknown id raises `pass_unknown`."""
+        self.request("DELETE", f"{PASSES}/{pass_id}")
 
     def heartbeat(self, *, free_spaces: int, total_spaces: int) -> None:
         """Report occupancy; also tells CityPark the connector is alive. Not queued: a
@@ -628,7 +686,11 @@ class ConnectorClient:
         if outcome is not None and outcome.verdict == "rejected":
             assert outcome.error is not None
             raise _as_rejected(outcome.error)
-        decision, reason = self.offline_decision(event.body["plate"], event.body["plate_color"])
+        decision, reason = self.offline_decision(
+            event.body["plate"],
+            event.body["plate_color"],
+            at=datetime.fromisoformat(event.body["occurred_at"]),
+        )
         answer = Decision(event.event_id, decision, reason, None, offline=True)
         self.outbox.set_offline_decision(
             event.event_id,
@@ -733,6 +795,7 @@ class ConnectorClient:
             lot_postpay_enabled=bool(data["lot_postpay_enabled"]),
             vehicles=frozenset(data["vehicles"]),
             etag=data.get("etag"),
+            passes=tuple(PassEntry.parse(p) for p in data.get("passes") or ()),
         )
 
     def _async_http(self) -> httpx.AsyncClient:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from services.billing.charge import service as charges
 from services.billing.charge.models import Charge
@@ -43,7 +44,7 @@ from shared.auth import (
     issue_driver_token,
 )
 from shared.deps import DbSession
-from shared.errors import PROBLEM_CONTENT_TYPE, NotFound, PlateInvalid
+from shared.errors import PROBLEM_CONTENT_TYPE, NotFound, PlateInvalid, UpstreamUnavailable
 from shared.http import problem_responses
 from shared.plates import mask_plate
 from shared.settings import Settings
@@ -158,6 +159,49 @@ def list_vehicles(who: DriverAuth, db: DbSession) -> list[VehicleOut]:
     return [
         VehicleOut.model_validate(v, from_attributes=True) for v in drivers.vehicles_of(db, who.id)
     ]
+
+
+class PassWindowOut(BaseModel):
+    start: str
+    end: str
+
+
+class DriverPassOut(BaseModel):
+    """A pass a car park holds for one of the driver's vehicles (the lots service owns it)."""
+
+    pass_id: str
+    lot_id: str
+    lot_code: str
+    lot_name: str
+    plate: str
+    plate_color: str
+    kind: Literal["monthly", "whitelist"]
+    valid_from: datetime
+    valid_to: datetime
+    window: PassWindowOut | None
+    time_zone: str
+    state: Literal["active", "upcoming", "expired"]
+
+
+@me.get(
+    "/passes",
+    response_model=list[DriverPassOut],
+    responses=problem_responses(UpstreamUnavailable),
+)
+def list_passes(who: DriverAuth, db: DbSession, request: Request) -> list[DriverPassOut]:
+    """Monthly passes and whitelist entries car parks hold for the driver's vehicles, newest
+    validity first (expired ones for 90 days). Plates are shown masked."""
+    vehicles = [
+        {"plate": v.plate, "plate_color": v.plate_color} for v in drivers.vehicles_of(db, who.id)
+    ]
+    if not vehicles:
+        return []
+    lots = request.app.state.runtime.internal("lots")
+    found = lots.call("POST", "/internal/lots/passes/by-vehicles", json={"vehicles": vehicles})
+    passes = [DriverPassOut.model_validate(p) for p in found]
+    for p in passes:
+        p.plate = mask_plate(p.plate)
+    return passes
 
 
 @me.delete(

@@ -7,6 +7,9 @@ import hmac
 from pathlib import Path
 
 from services.billing import consumers, endpoints
+from services.billing.invoice import endpoints as invoice_endpoints
+from services.billing.merchant import endpoints as merchant_endpoints
+from services.billing.notification import endpoints as notification_endpoints
 from services.billing.provider import endpoints as provider_endpoints
 from services.billing.provider.sandbox import SandboxProvider
 from services.billing.reconciliation import endpoints as reconciliation_endpoints
@@ -50,6 +53,10 @@ part = Part(
         settlement_endpoints.admin,
         reconciliation_endpoints.admin,
         provider_endpoints.router,
+        merchant_endpoints.admin,
+        merchant_endpoints.merchant,
+        invoice_endpoints.me,
+        notification_endpoints.me,
     ],
     workers=consumers.workers,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_billing"),

@@ -20,8 +20,9 @@ def install_merged_openapi(app: FastAPI, upstreams: list[str]) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version,
-                             description=app.description, routes=app.routes)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         complete = True
         for url in dict.fromkeys(upstreams):  # unique, in order
             try:

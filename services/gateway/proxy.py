@@ -39,6 +39,8 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
         ("/v1/admin/settlements", settings.billing_url),
         ("/v1/admin/reconciliations", settings.billing_url),
         ("/v1/providers", settings.billing_url),
+        ("/v1/merchants", settings.billing_url),
+        ("/v1/admin/merchants", settings.billing_url),
         ("/v1/admin/operators", settings.lots_url),
         ("/v1/admin/lots", settings.lots_url),
         ("/v1/admin/districts", settings.lots_url),

@@ -8,7 +8,7 @@ from typing import Annotated
 import redis
 from fastapi import APIRouter, Depends, Query, Request, status
 
-from services.lots import audit, occupancy, service
+from services.lots import audit, occupancy, passes, service
 from services.lots.models import District, Lot, LotKey, Occupancy, Operator, TariffVersion
 from services.lots.schemas import (
     AuditEntryOut,
@@ -399,9 +399,25 @@ def create_quote(data: QuoteRequest, db: DbSession) -> QuoteOut:
     Priced by the tariff version in force at `entered_at`, exactly as billing prices the stay.
     """
     _, fee, breakdown = service.price(
-        db, data.lot_id, data.entered_at, data.exited_at, data.vehicle_type, data.plate_color
+        db,
+        data.lot_id,
+        data.entered_at,
+        data.exited_at,
+        data.vehicle_type,
+        data.plate_color,
+        free_windows=_pass_windows(db, data.lot_id, data),
     )
     return QuoteOut(lot_id=data.lot_id, fee_fen=fee, breakdown=breakdown)
+
+
+def _pass_windows(
+    db: DbSession, lot_id: str, data: QuoteRequest
+) -> list[tuple[datetime, datetime]]:
+    """The vehicle's passes as free windows, so quotes, billing and the live fee agree."""
+    service.get_lot(db, lot_id)  # an unknown lot is `lot_unknown`, not an empty pass list
+    return passes.pass_windows_for_stay(
+        db, lot_id, data.plate, data.plate_color, data.entered_at, data.exited_at
+    )
 
 
 @internal.get("/keys/{key_id}", response_model=KeyResolution)
@@ -412,7 +428,13 @@ def resolve_key(key_id: str, db: DbSession, _: InternalAuth) -> KeyResolution:
 @internal.post("/{lot_id}/price", response_model=PriceOut)
 def price(lot_id: str, data: QuoteRequest, db: DbSession, _: InternalAuth) -> PriceOut:
     lot, fee, breakdown = service.price(
-        db, lot_id, data.entered_at, data.exited_at, data.vehicle_type, data.plate_color
+        db,
+        lot_id,
+        data.entered_at,
+        data.exited_at,
+        data.vehicle_type,
+        data.plate_color,
+        free_windows=_pass_windows(db, lot_id, data),
     )
     operator = db.get(Operator, lot.operator_id)
     return PriceOut(

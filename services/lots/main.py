@@ -6,7 +6,7 @@ from pathlib import Path
 
 import structlog
 
-from services.lots import consumers, endpoints, occupancy, service
+from services.lots import consumers, endpoints, occupancy, passes_endpoints, service
 from services.lots.districts import endpoints as districts
 from shared.db import transaction
 from shared.runtime import Migrations, Part, Runtime
@@ -25,7 +25,13 @@ def _startup(rt: Runtime) -> None:
 
 part = Part(
     name="lots",
-    routers=[endpoints.admin, endpoints.public, endpoints.internal, districts.internal],
+    routers=[
+        endpoints.admin,
+        endpoints.public,
+        endpoints.internal,
+        districts.internal,
+        passes_endpoints.internal,
+    ],
     workers=consumers.workers,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_lots"),
     on_startup=_startup,

@@ -126,3 +126,29 @@ class DailyParkings(Base):
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     district: Mapped[str] = mapped_column(String(40), primary_key=True)
     parkings: Mapped[int] = mapped_column(default=0)
+
+
+class Pass(Base):
+    """A monthly pass or whitelist entry a car park pushed (SPEC §10), named by the lot.
+
+    A deleted pass keeps its row (`deleted_at`) so that a repeated DELETE answers the same,
+    and so that the lot's pass list version moves forward on every change.
+    """
+
+    __tablename__ = "lots_pass"
+    __table_args__ = (Index("ix_lots_pass_vehicle", "plate", "plate_color"),)
+
+    lot_id: Mapped[str] = mapped_column(ForeignKey("lots_lot.id"), primary_key=True)
+    pass_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    plate: Mapped[str] = mapped_column(String(32))
+    plate_color: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))
+    valid_from: Mapped[datetime]
+    valid_to: Mapped[datetime]
+    # Daily window on the lot's clock ("HH:MM"); end <= start crosses midnight. Null: all day.
+    window_start: Mapped[str | None] = mapped_column(String(5), default=None)
+    window_end: Mapped[str | None] = mapped_column(String(5), default=None)
+    time_zone: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -198,6 +198,8 @@ class QuoteRequest(Strict):
     exited_at: AwareDatetime = Field(examples=["2026-11-25T10:45:00+08:00"])
     vehicle_type: str = Field(default="small", examples=["small"])
     plate_color: str = Field(default="blue", examples=["blue"])
+    # With a plate, the vehicle's passes at the lot make their units free (SPEC §10).
+    plate: str | None = Field(default=None, max_length=32, examples=["苏E12345"])
 
 
 class QuoteOut(BaseModel):

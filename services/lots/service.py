@@ -495,12 +495,18 @@ def price(
     exited_at: datetime,
     vehicle_type: str,
     plate_color: str,
+    free_windows: Sequence[tuple[datetime, datetime]] = (),
 ) -> tuple[Lot, int, list[dict[str, Any]]]:
     lot = get_lot(db, lot_id)
     if exited_at - entered_at > MAX_STAY:
         raise StayTooLong(f"{entered_at.isoformat()} → {exited_at.isoformat()}")
     result = quote(
-        tariff_at(db, lot_id, entered_at), entered_at, exited_at, vehicle_type, plate_color
+        tariff_at(db, lot_id, entered_at),
+        entered_at,
+        exited_at,
+        vehicle_type,
+        plate_color,
+        free_windows=free_windows,
     )
     return lot, result.fee_fen, [line.model_dump(mode="json") for line in result.breakdown]
 

@@ -33,6 +33,7 @@ def _fee_so_far(request: Request, s: ParkingSession) -> int | None:
                 "exited_at": utcnow().isoformat(),
                 "vehicle_type": s.vehicle_type,
                 "plate_color": s.plate_color,
+                "plate": s.plate,
             },
         )
     except Exception:
@@ -82,6 +83,18 @@ def search_sessions(
         plate=normalize_plate(plate) if plate else None, lot_id=lot_id, status=status, limit=limit
     )
     return [AdminSessionOut.model_validate(s, from_attributes=True) for s in rows]
+
+
+@internal.get("/open", response_model=AdminSessionOut, responses=problem_responses(NotFound))
+def open_session(
+    _: InternalAuth, db: DbSession, lot_id: str, plate: str, plate_color: str
+) -> AdminSessionOut:
+    """The vehicle's open session at a car park (billing checks merchants' validations with it).
+    `plate` and `plate_color` are the canonical forms."""
+    s = service.SessionRepository.from_session(db).get_open_by_vehicle(lot_id, plate, plate_color)
+    if s is None:
+        raise NotFound("No open session of this vehicle at this car park")
+    return AdminSessionOut.model_validate(s, from_attributes=True)
 
 
 @internal.get("/stats")

@@ -213,8 +213,15 @@ def test_postpay_parking_flows_through_the_city(city: City) -> None:
 
 def test_gateway_documents_the_whole_city(city: City) -> None:
     paths = httpx.get(f"{city.gateway}/openapi.json", timeout=20).json()["paths"]
-    for path in ("/v1/connector/exits", "/v1/admin/lots", "/v1/me/sessions", "/v1/me/charges",
-                 "/v1/quotes", "/v1/auth/token", "/v1/admin/stats"):
+    for path in (
+        "/v1/connector/exits",
+        "/v1/admin/lots",
+        "/v1/me/sessions",
+        "/v1/me/charges",
+        "/v1/quotes",
+        "/v1/auth/token",
+        "/v1/admin/stats",
+    ):
         assert path in paths, path
 
 

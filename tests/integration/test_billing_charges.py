@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from services.billing.charge import service as charges
 from services.billing.charge.models import Charge, ChargeStatus
 from services.billing.driver.models import Driver, PaymentAccount
 from services.billing.ledger import service as ledger
+from services.billing.ledger.models import Journal
 from services.billing.provider.sandbox import SandboxProvider
 from shared.bus.models import LogRow
 from shared.events import AccountUpdated, CloudEvent, Decision, SessionClosed
@@ -167,3 +169,36 @@ def test_free_stays_are_not_sent_to_the_provider(
     charge = open_and_run(factory, settings, SandboxProvider(sandbox_url), closed(driver), 0)
     assert charge.status == ChargeStatus.free
     assert charge.provider is None
+
+
+def test_concurrent_charge_workers_never_take_a_charge_twice(
+    factory: sessionmaker[Session], settings: Settings, sandbox_url: str
+) -> None:
+    driver, agreement = enrolled_driver(factory, sandbox_url, "ok", 1_000_000)
+    events = [closed(driver) for _ in range(24)]
+    for event in events:
+        with factory() as db, db.begin():
+            charges.open_charge(db, FixedPrice(100), event)  # type: ignore[arg-type]
+    providers = {"sandbox": SandboxProvider(sandbox_url)}
+
+    def work() -> None:
+        while charges.process_due(factory, settings, providers, limit=5):
+            pass
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    session_ids = [e.session_id for e in events]
+    with factory() as db:
+        found = db.scalars(select(Charge).where(Charge.session_id.in_(session_ids))).all()
+        journals = db.scalars(
+            select(Journal.ref_id).where(
+                Journal.kind == "charge_captured", Journal.ref_id.in_([c.id for c in found])
+            )
+        ).all()
+    assert sorted(c.status for c in found) == [ChargeStatus.captured] * 24
+    assert sorted(journals) == sorted(c.id for c in found)  # one capture journal each
+    balance = httpx.get(f"{sandbox_url}/v1/agreements/{agreement}").json()["balance_fen"]
+    assert balance == 1_000_000 - 24 * 100

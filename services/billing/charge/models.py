@@ -45,6 +45,8 @@ class Charge(Base):
     commission_bps: Mapped[int] = mapped_column(default=0)
     # Sum of succeeded refunds (a per-charge counter; the ledger holds the money itself).
     refunded_fen: Mapped[int] = mapped_column(default=0)
+    # Merchants' validations taken off the priced stay (the fee before them: amount + validated).
+    validated_fen: Mapped[int] = mapped_column(default=0, server_default="0")
     breakdown: Mapped[dict[str, Any]]
     status: Mapped[ChargeStatus] = mapped_column(String(12), default=ChargeStatus.pending)
     provider: Mapped[str | None] = mapped_column(String(40), default=None)

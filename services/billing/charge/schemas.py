@@ -18,6 +18,7 @@ class ChargeOut(BaseModel):
     exited_at: datetime
     amount_fen: int
     refunded_fen: int = 0
+    validated_fen: int = 0  # merchants' validations; `breakdown.validations` lists them
     status: str
     failure_code: str | None
     captured_at: datetime | None

@@ -24,6 +24,7 @@ from services.billing.charge.models import Charge, ChargeStatus
 from services.billing.driver import service as drivers
 from services.billing.driver.models import Driver, PaymentAccount
 from services.billing.ledger import service as ledger
+from services.billing.merchant import service as merchants
 from services.billing.provider.port import (
     ChargeResult,
     Outcome,
@@ -48,20 +49,21 @@ MAX_BACKOFF = timedelta(minutes=10)
 def open_charge(db: Session, lots: InternalClient, closed: SessionClosed) -> Charge | None:
     """Create the one charge of a closed post-pay session (idempotent on the session id)."""
     if closed.decision != Decision.postpay or not closed.driver_id:
+        merchants.lapse(db, closed.session_id)
         return None
     existing = db.scalar(select(Charge).where(Charge.session_id == closed.session_id))
     if existing is not None:
         return existing
+    price_request: dict[str, Any] = {
+        "lot_id": closed.lot_id,
+        "entered_at": closed.entered_at.isoformat(),
+        "exited_at": closed.exited_at.isoformat(),
+        "vehicle_type": closed.vehicle_type,
+        "plate_color": closed.plate_color,
+        "plate": closed.plate,
+    }
     price: dict[str, Any] = lots.call(
-        "POST",
-        f"/internal/lots/{closed.lot_id}/price",
-        json={
-            "lot_id": closed.lot_id,
-            "entered_at": closed.entered_at.isoformat(),
-            "exited_at": closed.exited_at.isoformat(),
-            "vehicle_type": closed.vehicle_type,
-            "plate_color": closed.plate_color,
-        },
+        "POST", f"/internal/lots/{closed.lot_id}/price", json=price_request
     )
     amount = int(price["fee_fen"])
     charge = Charge(
@@ -82,7 +84,14 @@ def open_charge(db: Session, lots: InternalClient, closed: SessionClosed) -> Cha
     )
     db.add(charge)
     db.flush()
-    log.info("charge.opened", charge_id=charge.id, session_id=closed.session_id, amount_fen=amount)
+    # Merchants' validations of the stay lower the fee (minutes first, then amounts).
+    merchants.apply_validations(db, lots, charge, price_request)
+    log.info(
+        "charge.opened",
+        charge_id=charge.id,
+        session_id=closed.session_id,
+        amount_fen=charge.amount_fen,
+    )
     return charge
 
 
@@ -229,32 +238,32 @@ def process_due(
     providers: dict[str, PaymentProvider],
     limit: int = 20,
 ) -> int:
-    """Advance charges that are due, one transaction each; returns how many were touched."""
-    with factory() as db:
-        ids = list(
-            db.scalars(
-                select(Charge.id)
-                .where(
-                    or_(
-                        Charge.status == ChargeStatus.pending, Charge.status == ChargeStatus.unknown
-                    ),
-                    Charge.next_attempt_at <= utcnow(),
-                )
-                .order_by(Charge.next_attempt_at)
-                .limit(limit)
-            )
+    """Advance up to `limit` due charges, one transaction each; returns how many were touched.
+
+    On PostgreSQL each charge is claimed with `FOR UPDATE SKIP LOCKED`, so any number of
+    workers (threads or billing replicas) share the queue without ever taking one charge twice.
+    """
+    due = (
+        select(Charge)
+        .where(
+            or_(Charge.status == ChargeStatus.pending, Charge.status == ChargeStatus.unknown),
+            Charge.next_attempt_at <= utcnow(),
         )
-    for charge_id in ids:
+        .order_by(Charge.next_attempt_at)
+        .limit(1)
+    )
+    touched = 0
+    for _ in range(limit):
         with factory() as db, db.begin():
-            query = select(Charge).where(Charge.id == charge_id)
+            query = due
             if db.get_bind().dialect.name == "postgresql":
-                # Replicas of billing skip a charge another one is working on.
-                query = query.with_for_update(skip_locked=True)
+                query = due.with_for_update(skip_locked=True)
             charge = db.scalar(query)
-            if charge is None or charge.status not in (ChargeStatus.pending, ChargeStatus.unknown):
-                continue
+            if charge is None:
+                break
             advance(db, settings, providers, charge)
-    return len(ids)
+            touched += 1
+    return touched
 
 
 def charges_of(db: Session, driver_id: str, limit: int = 100) -> list[Charge]:

@@ -13,6 +13,8 @@ Chart of accounts (one account per party where a party is involved):
 | `liability:operator_payable:<op>`     | what we owe an operator for captured parkings      |
 | `revenue:city_commission:<op>`        | the city's commission, per operator it came from   |
 | `contra:refunds:<op>`                 | refunds given back on an operator's parkings       |
+| `asset:merchant_receivable:<merchant>`| what a merchant owes for the validations it gave   |
+| `liability:validations_deferred:<op>` | the other side: the operator's once the merchant pays |
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class JournalKind:
     arrears_cleared = "arrears_cleared"
     refund = "refund"
     settlement = "settlement"
+    merchant_validation = "merchant_validation"
 
 
 class UnbalancedJournal(ValueError):
@@ -72,6 +75,14 @@ def city_commission(operator_id: str) -> str:
 
 def refunds(operator_id: str) -> str:
     return f"contra:refunds:{operator_id}"
+
+
+def merchant_receivable(merchant_id: str) -> str:
+    return f"asset:merchant_receivable:{merchant_id}"
+
+
+def validations_deferred(operator_id: str) -> str:
+    return f"liability:validations_deferred:{operator_id}"
 
 
 def exists(db: Session, kind: str, ref_type: str, ref_id: str) -> bool:

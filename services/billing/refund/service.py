@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.billing.charge.models import Charge, ChargeStatus
 from services.billing.ledger import service as ledger
+from services.billing.notification import hooks as refund_hooks
 from services.billing.provider.port import (
     PaymentProvider,
     ProviderRejected,
@@ -157,6 +158,7 @@ def _succeed(db: Session, refund: Refund, result: RefundResult) -> None:
         ),
     )
     _settle_dispute(db, refund, DisputeStatus.refunded)
+    refund_hooks.refund_succeeded(db, charge, refund)  # red-letter invoice, notification
     log.info("refund.succeeded", refund_id=refund.id, amount_fen=refund.amount_fen)
 
 

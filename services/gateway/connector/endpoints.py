@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from services.gateway.connector import ratelimit, service
+from services.gateway.connector import passes, ratelimit, service
 from services.gateway.connector.auth import Caller, LotAuth
 from services.gateway.connector.schemas import (
     BatchIn,
@@ -18,6 +18,8 @@ from services.gateway.connector.schemas import (
     ExitOut,
     HeartbeatIn,
     HeartbeatOut,
+    PassIn,
+    PassOut,
 )
 from services.gateway.gate import state
 from shared.errors import (
@@ -30,6 +32,8 @@ from shared.errors import (
     SignatureExpired,
     SignatureInvalid,
     SignatureMissing,
+    UpstreamUnavailable,
+    ValidationFailed,
 )
 from shared.http import problem_responses
 from shared.runtime import Runtime
@@ -148,8 +152,10 @@ async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Res
     if (limited := await _over_budget(request, caller)) is not None:
         return limited
     version, hashes = await run_in_threadpool(state.eligibility, _rt(request).redis)
-    # The lot's post-pay flag is part of the answer, so it is part of the tag.
-    etag = f'"{version}-{int(caller.postpay_enabled)}"'
+    assert caller.lot_id
+    passes_version, entries = await run_in_threadpool(passes.view, _rt(request), caller.lot_id)
+    # The lot's post-pay flag and passes are part of the answer, so they are part of the tag.
+    etag = f'"{version}-{int(caller.postpay_enabled)}-{passes_version}"'
     if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     # A lot without post-pay decides `pay_on_site` anyway; it has no use for drivers' hashes.
@@ -157,5 +163,45 @@ async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Res
         version=version,
         lot_postpay_enabled=caller.postpay_enabled,
         vehicles=hashes if caller.postpay_enabled else [],
+        passes=entries,
+        passes_version=passes_version,
     )
     return JSONResponse(out.model_dump(mode="json"), headers={"ETag": etag})
+
+
+PASS_ERRORS = problem_responses(
+    PlateInvalid,
+    PlateColorInvalid,
+    ValidationFailed,
+    passes.PassValidityInvalid,
+    passes.PassWindowInvalid,
+    passes.PassIdInvalid,
+    UpstreamUnavailable,
+)
+
+
+@router.put("/passes/{pass_id}", response_model=PassOut, responses={**SIGNED, **PASS_ERRORS})
+async def put_pass(
+    pass_id: str, data: PassIn, caller: LotAuth, request: Request
+) -> PassOut | Response:
+    """Create or replace a pass or whitelist entry of this car park (SPEC §10).
+
+    Idempotent: the same body again answers `unchanged`. Units of a stay starting inside the
+    pass (its validity, and its daily `window` if any) cost 0; a stay it covers wholly leaves
+    with the gate decision `free`."""
+    if (limited := await _over_budget(request, caller)) is not None:
+        return limited
+    return await run_in_threadpool(passes.put, _rt(request), caller, pass_id, data)
+
+
+@router.delete(
+    "/passes/{pass_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={**SIGNED, **problem_responses(passes.PassUnknown, passes.PassIdInvalid)},
+)
+async def delete_pass(pass_id: str, caller: LotAuth, request: Request) -> Response:
+    """Withdraw a pass; later stays are priced and decided without it. Repeats answer 204."""
+    if (limited := await _over_budget(request, caller)) is not None:
+        return limited
+    await run_in_threadpool(passes.delete, _rt(request), caller, pass_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import date, datetime
 from typing import Literal
 from uuid import UUID
 
@@ -74,8 +75,54 @@ class HeartbeatOut(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class PassWindow(Strict):
+    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", examples=["21:00"])
+    end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", examples=["07:00"])
+
+
+class PassIn(Strict):
+    """A pass or whitelist entry (SPEC §10). Dates without a time are whole days on the lot's
+    clock, `valid_to` included; `window` repeats daily inside the validity (nights only)."""
+
+    plate: str = Field(max_length=32, examples=["苏E12345"])
+    plate_color: str = Field(examples=["blue"])
+    kind: Literal["monthly", "whitelist"]
+    valid_from: AwareDatetime | date = Field(examples=["2026-11-01"])
+    valid_to: AwareDatetime | date = Field(examples=["2026-11-30"])
+    window: PassWindow | None = None
+
+
+class PassOut(BaseModel):
+    pass_id: str
+    lot_id: str
+    plate: str
+    plate_color: str
+    kind: Literal["monthly", "whitelist"]
+    valid_from: datetime
+    valid_to: datetime
+    window: PassWindow | None
+    time_zone: str
+    updated_at: datetime
+    status: Literal["created", "updated", "unchanged"]
+
+
+class PassEntry(BaseModel):
+    """A pass in the eligibility snapshot: the vehicle hashed like `vehicles`."""
+
+    pass_id: str
+    vehicle: str
+    kind: Literal["monthly", "whitelist"]
+    valid_from: datetime
+    valid_to: datetime
+    window: PassWindow | None
+    time_zone: str
+
+
 class EligibilityOut(BaseModel):
     version: int
     lot_postpay_enabled: bool = True
     hash: Literal["sha256(plate:plate_color)"] = "sha256(plate:plate_color)"
     vehicles: list[str]
+    # The lot's live passes: a covered stay leaves `free` even while the city is away.
+    passes: list[PassEntry] = Field(default_factory=list)
+    passes_version: int = 0

@@ -14,11 +14,12 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from services.gateway.connector import passes
 from services.gateway.connector.auth import Caller
 from services.gateway.connector.schemas import BatchItemOut, EntryIn, EntryOut, ExitIn, ExitOut
 from services.gateway.gate import state
 from shared.errors import Problem, problem
-from shared.events import EventType, Kind, LotEvent, new_event, session_id_for
+from shared.events import Decision, EventType, Kind, LotEvent, new_event, session_id_for
 from shared.plates import normalize_plate, parse_plate_color
 from shared.runtime import Runtime
 from shared.timeutil import utcnow
@@ -108,6 +109,10 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
     answer = state.decide(
         rt.redis, plate=plate, color=color, postpay_enabled=caller.postpay_enabled
     )
+    # A pass covering the whole stay lets the car out free, post-pay or not (SPEC §10).
+    reason = passes.free_reason(rt, caller.lot_id, plate, color, data.occurred_at)
+    if reason is not None:
+        answer = state.GateAnswer(Decision.free, reason, answer.driver_id)
     open_id = rt.redis.get(f"{state.P}open:{caller.lot_id}:{state.vehicle_key(plate, color)}")
     event = _lot_event(
         caller,
@@ -137,10 +142,12 @@ def publish(rt: Runtime, accepted: list[tuple[EntryOut | ExitOut, LotEvent]]) ->
     for answer, e in accepted:
         pipe.set(_answer_key(e.lot_id, e.event_id), answer.model_dump_json(), ex=ANSWER_TTL_S)
         open_key = f"{state.P}open:{e.lot_id}:{state.vehicle_key(e.plate, e.plate_color)}"
+        entered_key = state.entered_key(e.lot_id, e.plate, e.plate_color)
         if e.kind is Kind.entry:
             pipe.set(open_key, session_id_for(e.lot_id, e.event_id), ex=90 * 24 * 3600)
+            pipe.set(entered_key, e.occurred_at.isoformat(), ex=90 * 24 * 3600)
         else:
-            pipe.delete(open_key)
+            pipe.delete(open_key, entered_key)
     pipe.execute()
     for answer, e in accepted:
         log.info(

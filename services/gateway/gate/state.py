@@ -7,12 +7,14 @@ Keys (all under `citypark:gw:`):
   eligible                 → set of sha256("<plate>:<color>") allowed post-pay now
   eligible:version         → counter, bumped on every change of `eligible`
   open:<lot>:<plate>:<color> → id of the session the gateway saw begin there
+  entered:<lot>:<plate>:<color> → its entry time (RFC 3339), for the pass check at the exit
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 
 import redis
 
@@ -91,6 +93,15 @@ def remember_open(r: redis.Redis, lot_id: str, plate: str, color: str, session_i
 def take_open(r: redis.Redis, lot_id: str, plate: str, color: str) -> str | None:
     value = r.getdel(f"{P}open:{lot_id}:{vehicle_key(plate, color)}")
     return str(value) if value is not None else None
+
+
+def entered_key(lot_id: str, plate: str, color: str) -> str:
+    return f"{P}entered:{lot_id}:{vehicle_key(plate, color)}"
+
+
+def entered_at(r: redis.Redis, lot_id: str, plate: str, color: str) -> datetime | None:
+    value = r.get(entered_key(lot_id, plate, color))
+    return datetime.fromisoformat(str(value)) if value is not None else None
 
 
 def eligibility(r: redis.Redis) -> tuple[int, list[str]]:

@@ -1,0 +1,113 @@
+"""The notification port: channels that carry a notification to a driver.
+
+`SmsSandbox` writes to the sandbox SMS outbox admins read (the same one sign-in codes use);
+`WebhookChannel` posts signed JSON to the driver's URL. A channel raises `DeliveryFailed` on
+anything but an acknowledgement; the delivery worker retries with backoff, so a notification
+arrives at least once (receivers dedupe on the `webhook-id` header).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from typing import Any, Protocol
+
+import httpx
+from sqlalchemy.orm import Session
+
+from services.billing.driver.models import SmsMessage
+from services.billing.notification.models import Notification
+
+SIGNATURE_HEADER = "x-citypark-signature"
+TOLERANCE_S = 300
+
+
+class DeliveryFailed(Exception):
+    pass
+
+
+class NotificationChannel(Protocol):
+    def send(self, db: Session, notification: Notification, target: str) -> None: ...
+
+
+class SmsSandbox:
+    """The SMS port in sandbox mode: the message lands in `billing_sms`."""
+
+    def send(self, db: Session, notification: Notification, target: str) -> None:
+        db.add(SmsMessage(phone=target, body=f"【CityPark】{notification.body}"))
+
+
+def webhook_secret(platform_secret: str, webhook_id: str) -> str:
+    """Each registration's signing secret, derived so that none is stored: a new
+    registration (a new id) is a new secret."""
+    mac = hmac.new(platform_secret.encode(), f"webhook:{webhook_id}".encode(), hashlib.sha256)
+    return "whsec_" + mac.hexdigest()
+
+
+def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + body>`."""
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify(
+    secret: str,
+    header: str,
+    body: bytes,
+    *,
+    now: float | None = None,
+    tolerance_s: int = TOLERANCE_S,
+) -> bool:
+    """What a receiver runs: the MAC matches and the timestamp is fresh (no replays)."""
+    try:
+        parts = dict(p.split("=", 1) for p in header.split(","))
+        t = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - t) > tolerance_s:
+        return False
+    expected = sign(secret, body, t).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+def payload(notification: Notification) -> dict[str, Any]:
+    return {
+        "id": notification.id,
+        "type": f"citypark.notification.{notification.kind}",
+        "created_at": notification.created_at.isoformat(),
+        "data": {
+            "kind": str(notification.kind),
+            "title": notification.title,
+            "body": notification.body,
+            "plate": notification.plate,
+            "amount_fen": notification.amount_fen,
+            "ref_id": notification.ref_id,
+        },
+    }
+
+
+class WebhookChannel:
+    def __init__(self, platform_secret: str, *, timeout: float = 5.0) -> None:
+        self.platform_secret = platform_secret
+        self.http = httpx.Client(timeout=timeout, follow_redirects=False)
+
+    def send(self, db: Session, notification: Notification, target: str) -> None:
+        webhook_id, _, url = target.partition(" ")
+        body = json.dumps(payload(notification), ensure_ascii=False).encode()
+        try:
+            answer = self.http.post(
+                url,
+                content=body,
+                headers={
+                    "content-type": "application/json",
+                    "webhook-id": notification.id,
+                    SIGNATURE_HEADER: sign(webhook_secret(self.platform_secret, webhook_id), body),
+                },
+            )
+        except httpx.HTTPError as exc:
+            raise DeliveryFailed(repr(exc)[:300]) from exc
+        if not 200 <= answer.status_code < 300:
+            raise DeliveryFailed(f"answered {answer.status_code}")

@@ -1,0 +1,215 @@
+"""Notifications: one per source event and driver (the dedupe key derives from the event), not
+made at all for a kind the driver muted, then delivered through each channel at least once.
+
+A notification and its deliveries are written in the transaction that consumes the source
+event; the delivery worker sends them afterwards (`SELECT … FOR UPDATE SKIP LOCKED`, backoff,
+a final `failed` after MAX_ATTEMPTS). A crash between a send and its commit sends again: at
+least once, never lost.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.billing.driver.models import Driver
+from services.billing.notification.models import (
+    Channel,
+    Delivery,
+    DeliveryStatus,
+    Notification,
+    NotificationKind,
+    Preference,
+    Webhook,
+)
+from services.billing.notification.port import DeliveryFailed, NotificationChannel
+from shared.db import new_id as _new_id
+from shared.errors import NotFound
+from shared.timeutil import utcnow
+
+log = structlog.get_logger(__name__)
+MAX_ATTEMPTS = 12
+MAX_BACKOFF = timedelta(minutes=30)
+
+
+def muted_kinds(db: Session, driver_id: str) -> set[NotificationKind]:
+    pref = db.get(Preference, driver_id)
+    if pref is None:
+        return set()
+    return {NotificationKind(k) for k in pref.settings.get("muted", [])}
+
+
+def set_muted(db: Session, driver_id: str, kinds: list[NotificationKind]) -> list[NotificationKind]:
+    muted = sorted(set(kinds))
+    pref = db.get(Preference, driver_id)
+    if pref is None:
+        db.add(Preference(driver_id=driver_id, settings={"muted": [str(k) for k in muted]}))
+    else:
+        pref.settings = {"muted": [str(k) for k in muted]}
+    db.flush()
+    return muted
+
+
+def notify(
+    db: Session,
+    *,
+    driver_id: str,
+    kind: NotificationKind,
+    key: str,
+    title: str,
+    body: str,
+    plate: str | None = None,
+    amount_fen: int | None = None,
+    ref_id: str | None = None,
+) -> Notification | None:
+    """Record a notification and queue its deliveries; None when muted or already made."""
+    driver = db.get(Driver, driver_id)
+    if driver is None:
+        return None
+    if kind in muted_kinds(db, driver_id):
+        log.info("notification.muted", driver_id=driver_id, kind=str(kind))
+        return None
+    dialect = db.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = (
+        insert(Notification)
+        .values(
+            id=_new_id(),
+            driver_id=driver_id,
+            kind=str(kind),
+            dedupe_key=key,
+            title=title,
+            body=body,
+            plate=plate,
+            amount_fen=amount_fen,
+            ref_id=ref_id,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing()
+        .returning(Notification.id)
+    )
+    new_id = db.execute(stmt).scalar()
+    if new_id is None:
+        log.debug("notification.duplicate", driver_id=driver_id, key=key)
+        return None
+    db.add(Delivery(notification_id=new_id, channel=Channel.sms, target=driver.phone))
+    hook = db.get(Webhook, driver_id)
+    if hook is not None:
+        db.add(
+            Delivery(
+                notification_id=new_id, channel=Channel.webhook, target=f"{hook.id} {hook.url}"
+            )
+        )
+    db.flush()
+    log.info("notification.created", driver_id=driver_id, kind=str(kind), key=key)
+    return db.get(Notification, new_id)
+
+
+def list_for(db: Session, driver_id: str, limit: int = 50) -> list[Notification]:
+    return list(
+        db.scalars(
+            select(Notification)
+            .where(Notification.driver_id == driver_id)
+            .order_by(Notification.created_at.desc(), Notification.id)
+            .limit(limit)
+        )
+    )
+
+
+def deliveries_of(db: Session, notification_ids: list[str]) -> dict[str, list[Delivery]]:
+    out: dict[str, list[Delivery]] = {i: [] for i in notification_ids}
+    if notification_ids:
+        for d in db.scalars(
+            select(Delivery)
+            .where(Delivery.notification_id.in_(notification_ids))
+            .order_by(Delivery.channel)
+        ):
+            out[d.notification_id].append(d)
+    return out
+
+
+def register_webhook(db: Session, driver_id: str, url: str) -> Webhook:
+    """The driver's one webhook; registering again replaces the URL and the secret."""
+    existing = db.get(Webhook, driver_id)
+    if existing is not None:
+        db.delete(existing)
+        db.flush()
+    hook = Webhook(driver_id=driver_id, id=_new_id(), url=url)
+    db.add(hook)
+    db.flush()
+    return hook
+
+
+def get_webhook(db: Session, driver_id: str) -> Webhook:
+    hook = db.get(Webhook, driver_id)
+    if hook is None:
+        raise NotFound("No webhook is registered")
+    return hook
+
+
+def remove_webhook(db: Session, driver_id: str) -> None:
+    db.delete(get_webhook(db, driver_id))
+    db.flush()
+
+
+def _backoff(delivery: Delivery, error: str) -> None:
+    delivery.attempts += 1
+    delivery.last_error = error[:300]
+    if delivery.attempts >= MAX_ATTEMPTS:
+        delivery.status = DeliveryStatus.failed
+        log.warning("notification.delivery_failed", delivery_id=delivery.id, error=error)
+        return
+    delivery.next_attempt_at = utcnow() + min(
+        timedelta(seconds=2 ** min(delivery.attempts, 12)), MAX_BACKOFF
+    )
+
+
+def deliver(db: Session, channels: dict[Channel, NotificationChannel], delivery: Delivery) -> None:
+    """Send one delivery once (the caller holds its row lock)."""
+    notification = db.get(Notification, delivery.notification_id)
+    channel = channels.get(delivery.channel)
+    if notification is None or channel is None:
+        delivery.status = DeliveryStatus.failed
+        delivery.last_error = "no such notification or channel"
+        return
+    try:
+        channel.send(db, notification, delivery.target)
+    except DeliveryFailed as exc:
+        _backoff(delivery, str(exc))
+        return
+    delivery.attempts += 1
+    delivery.status = DeliveryStatus.delivered
+    delivery.delivered_at = utcnow()
+    delivery.last_error = None
+
+
+def process_due(
+    factory: sessionmaker[Session], channels: dict[Channel, NotificationChannel], limit: int = 50
+) -> int:
+    """Send deliveries that are due, one transaction each; returns how many were tried."""
+    with factory() as db:
+        ids = list(
+            db.scalars(
+                select(Delivery.id)
+                .where(
+                    Delivery.status == DeliveryStatus.pending,
+                    Delivery.next_attempt_at <= utcnow(),
+                )
+                .order_by(Delivery.next_attempt_at)
+                .limit(limit)
+            )
+        )
+    for delivery_id in ids:
+        with factory() as db, db.begin():
+            query = select(Delivery).where(Delivery.id == delivery_id)
+            if db.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)  # replicas share the work
+            delivery = db.scalar(query)
+            if delivery is None or delivery.status != DeliveryStatus.pending:
+                continue
+            deliver(db, channels, delivery)
+    return len(ids)
