@@ -131,12 +131,9 @@ def embedded(settings: Settings) -> tuple[FastAPI, Runtime]:
         workers += part.workers(rt)
     # Every district, and any that ops add while the city runs, gets its adapter.
     workers.append(adapter.every_district(rt))
-    app = build_app(
-        rt,
-        [gateway, lots, sessions, billing],
-        workers=workers,
-        mount_sandbox=Runtime(settings, source="paysandbox"),
-    )
+    sandbox = Runtime(settings, source="paysandbox")
+    workers += paysandbox.workers(sandbox)  # its notifications, retried until acknowledged
+    app = build_app(rt, [gateway, lots, sessions, billing], workers=workers, mount_sandbox=sandbox)
     return app, rt
 
 

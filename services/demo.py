@@ -98,7 +98,6 @@ def seed(rt: Runtime, keys_dir: Path = KEYS_DIR) -> list[dict[str, Any]]:
                     key_id = f"{code.lower()}-k1"
                     lot = lots.create_lot(
                         db,
-                        rt.redis,
                         LotCreate(
                             code=code,
                             name=f"{d.name}停车场{i + 1}",
@@ -114,6 +113,7 @@ def seed(rt: Runtime, keys_dir: Path = KEYS_DIR) -> list[dict[str, Any]]:
                             tariff=EXAMPLE_TARIFF,
                         ),
                         SEEDER,
+                        cache=rt.redis,
                     )
                     (keys_dir / f"{key_id}.key").write_text(private_pem)
                     known.append(

@@ -10,6 +10,15 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# On CI the property tests draw the same examples every run and take the time they need:
+# a shared, noisy machine must not turn a slow example into a red build.
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @dataclass(frozen=True)

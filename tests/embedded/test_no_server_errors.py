@@ -19,6 +19,7 @@ from services import city
 from services.gateway import admin_tokens
 from shared.auth import Role, issue_driver_token
 from shared.db import transaction
+from shared.internal import InternalClient
 from shared.settings import BusKind, CacheKind, Settings
 
 json_values = st.recursive(
@@ -79,8 +80,13 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         database_url=f"sqlite:///{db}",
         jwt_secret=SecretStr("fuzz-secret-that-is-long-enough-1234"),
     )
-    app, _ = city.embedded(s)
+    app, rt = city.embedded(s)
     with TestClient(app, raise_server_exceptions=False) as tc:
+        # Internal calls of the one app go through the test transport, not a socket.
+        for service in ("lots", "sessions", "billing"):
+            rt.internal_clients[service] = InternalClient(
+                "http://testserver", rt.secret, transport=tc._transport
+            )
         yield tc
 
 
@@ -99,7 +105,12 @@ def test_random_input_never_causes_a_server_error(client: TestClient) -> None:
     every = routes(client)
     assert len(every) > 20  # the check must see the API, not an empty app
 
-    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=200,
+        deadline=None,
+        derandomize=True,  # the same inputs on every run: CI must not depend on luck
+        suppress_health_check=list(HealthCheck),
+    )
     @given(
         route=st.sampled_from(every),
         body=bodies,
