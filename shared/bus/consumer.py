@@ -160,6 +160,12 @@ class ConsumerLoop:
                     return False
                 delay = min(delay * 2, self.max_backoff_s)
 
+    def _rewind(self) -> None:
+        try:
+            self.subscription.rewind()
+        except Exception as exc:  # the group is rebalancing; the next poll settles it
+            log.warning("consumer.rewind_failed", consumer=self.name, error=repr(exc))
+
     def _handle_all(self, messages: list[Message]) -> list[Message]:
         """Handle a poll; returns the messages done (a prefix, shorter only when stopping)."""
         batch = getattr(self.handler, "batch", None)
@@ -192,9 +198,17 @@ class ConsumerLoop:
                         self.idle()
                     continue
                 done = self._handle_all(messages)
-                self.subscription.commit(done)
+                try:
+                    self.subscription.commit(done)
+                except Exception as exc:
+                    # A rebalance took the partitions away (e.g. the process was paused past
+                    # its session timeout): whoever owns them now gets these messages again,
+                    # and the inbox makes the redelivery harmless.
+                    log.warning("consumer.commit_failed", consumer=self.name, error=repr(exc))
+                    self._rewind()
+                    continue
                 if len(done) < len(messages):
-                    self.subscription.rewind()
+                    self._rewind()
         finally:
             self.subscription.close()
             log.info("consumer.stopped", consumer=self.name, handled=self.handled)
