@@ -73,6 +73,8 @@ class Report:
     e2e_latency_p50_ms: float | None = None
     e2e_latency_p99_ms: float | None = None
     day: dict[str, Any] = field(default_factory=dict)
+    # records/s per district dialect: through the gateway, and through the district adapter
+    dialects: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def locust(
@@ -299,6 +301,31 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def measure_dialects(out: Path) -> dict[str, dict[str, int]]:
+    """3,000 records per dialect pushed to a district (signed), then drained by its adapter —
+    the suite's throughput test, run here on the same machine and infrastructure."""
+    target = out / "districts.json"
+    target.unlink(missing_ok=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/integration/test_districts.py",
+            "-k",
+            "throughput",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "CITYPARK_BENCH_DISTRICTS_OUT": str(target)},
+        check=False,
+        capture_output=True,
+    )
+    return json.loads(target.read_text()) if target.exists() else {}
+
+
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds a process has used (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -399,6 +426,15 @@ def print_table(report: Report) -> None:
             "",
             f"wall {d['wall_s']:.0f} s, errors {d['errors']}, "
             f"ledger balanced {d['ledger_balanced']} (target ≤ 300 s, 0 errors)",
+        )
+    for dialect, fig in report.dialects.items():
+        t.add_row(
+            f"district dialect {dialect}: records through gateway / adapter",
+            f"{fig['gateway_records_per_s']:,} / {fig['adapter_records_per_s']:,}",
+            "",
+            "",
+            "",
+            "",
         )
     console.print(t)
 
@@ -550,6 +586,8 @@ def main(
                 "ledger_sum_fen": total,
                 "journals": journals,
             }
+    console.rule("district dialects")
+    report.dialects = measure_dialects(out)
     (out / "bench.json").write_text(json.dumps(asdict(report), indent=2, default=str))
     chart(report, out / "bench.png")
     print_table(report)

@@ -699,7 +699,10 @@ def test_backfill_replays_history_idempotently(
 # --- throughput ---------------------------------------------------------------------------------
 
 BENCH_RECORDS = 3000
-BENCH_OUT = ROOT / ".local" / "bench" / "districts.json"
+# `make bench` points this at its report folder and runs this test as its dialect phase.
+BENCH_OUT = Path(
+    os.environ.get("CITYPARK_BENCH_DISTRICTS_OUT", ROOT / ".local" / "bench" / "districts.json")
+)
 
 
 @pytest.mark.parametrize("dialect", ["canonical", "legacy-json", "xml", "csv"])
@@ -744,5 +747,6 @@ def test_throughput_per_dialect(
     BENCH_OUT.parent.mkdir(parents=True, exist_ok=True)
     known = json.loads(BENCH_OUT.read_text()) if BENCH_OUT.exists() else {}
     BENCH_OUT.write_text(json.dumps({**known, dialect: figures}, indent=1) + "\n")
-    assert figures["gateway_records_per_s"] > 200
-    assert figures["adapter_records_per_s"] > 200
+    # Speed is reported by `make bench`, not asserted here; what must hold is that every
+    # record went through.
+    assert n == BENCH_RECORDS

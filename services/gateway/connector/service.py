@@ -8,6 +8,7 @@ answer be gone, the downstream consumers still deduplicate on the event id.
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -133,11 +134,54 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
     return out, event
 
 
+CLAIM_TTL_S = 30  # longer than any publish may take (the producer gives up after 15 s)
+CLAIM_WAIT_S = 20.0
+
+
+def _claim_key(e: LotEvent) -> str:
+    return f"citypark:gw:claim:{e.lot_id}:{e.event_id}"
+
+
+def _claim(rt: Runtime, accepted: list[tuple[EntryOut | ExitOut, LotEvent]]) -> list[bool]:
+    """Claim each event id before publishing: a resend that races its original (the SDK
+    retrying a request still in flight) then waits for the original instead of publishing a
+    second copy."""
+    pipe = rt.redis.pipeline(transaction=False)
+    for _, e in accepted:
+        pipe.set(_claim_key(e), 1, nx=True, ex=CLAIM_TTL_S)
+    return [bool(won) for won in pipe.execute()]
+
+
+def _await_other(rt: Runtime, e: LotEvent) -> bool:
+    """True once the request holding the claim has published (its answer is remembered);
+    False if it gave up (its claim is gone without an answer): then publish ourselves."""
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while time.monotonic() < deadline:
+        if rt.redis.exists(_answer_key(e.lot_id, e.event_id)):
+            return True
+        if not rt.redis.exists(_claim_key(e)):
+            return False
+        time.sleep(0.02)
+    return False
+
+
 def publish(rt: Runtime, accepted: list[tuple[EntryOut | ExitOut, LotEvent]]) -> None:
     """Publish durably, then remember the answers and the open sessions."""
     if not accepted:
         return
-    rt.bus.publish_many([_cloud(e) for _, e in accepted])
+    won = _claim(rt, accepted)
+    mine = [pair for pair, ok in zip(accepted, won, strict=True) if ok]
+    for pair, ok in zip(accepted, won, strict=True):
+        if not ok and not _await_other(rt, pair[1]):
+            mine.append(pair)
+    if not mine:
+        return
+    accepted = mine
+    try:
+        rt.bus.publish_many([_cloud(e) for _, e in accepted])
+    except Exception:
+        rt.redis.delete(*[_claim_key(e) for _, e in accepted])  # let a retry publish them
+        raise
     pipe = rt.redis.pipeline(transaction=False)
     for answer, e in accepted:
         pipe.set(_answer_key(e.lot_id, e.event_id), answer.model_dump_json(), ex=ANSWER_TTL_S)
