@@ -13,14 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
 
-from services import city
 from services.gateway import admin_tokens
 from shared.auth import Role, issue_driver_token
 from shared.db import transaction
-from shared.internal import InternalClient
-from shared.settings import BusKind, CacheKind, Settings
+from tests.embedded_city import embedded_city
 
 json_values = st.recursive(
     st.none()
@@ -74,19 +71,7 @@ segments = st.text(alphabet=string.ascii_letters + string.digits + "-_.%~", min_
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     db = tmp_path_factory.mktemp("fuzz") / "city.db"
-    s = Settings(
-        bus=BusKind.log,
-        cache=CacheKind.memory,
-        database_url=f"sqlite:///{db}",
-        jwt_secret=SecretStr("fuzz-secret-that-is-long-enough-1234"),
-    )
-    app, rt = city.embedded(s)
-    with TestClient(app, raise_server_exceptions=False) as tc:
-        # Internal calls of the one app go through the test transport, not a socket.
-        for service in ("lots", "sessions", "billing"):
-            rt.internal_clients[service] = InternalClient(
-                "http://testserver", rt.secret, transport=tc._transport
-            )
+    with embedded_city(db, raise_server_exceptions=False) as tc:
         yield tc
 
 

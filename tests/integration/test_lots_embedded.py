@@ -15,15 +15,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from citypark_connector import ConnectorClient, generate_keypair
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 
-from services import city
-from services.billing.provider.sandbox import SandboxProvider
 from services.gateway.gate import state as gate_state
 from services.lots.schemas import EXAMPLE_TARIFF
 from shared.auth import Role, issue_admin_token
-from shared.internal import InternalClient
-from shared.settings import BusKind, CacheKind, Settings
+from tests.embedded_city import embedded_city
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 T = TypeVar("T")
@@ -31,23 +27,7 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    db = tmp_path_factory.mktemp("lots-embedded") / "city.db"
-    settings = Settings(
-        bus=BusKind.log,
-        cache=CacheKind.memory,
-        database_url=f"sqlite:///{db}",
-        jwt_secret=SecretStr("embedded-lots-secret-of-32-bytes"),
-        paysandbox_url="http://testserver/sandbox/pay",
-    )
-    app, rt = city.embedded(settings)
-    with TestClient(app) as tc:
-        for service in ("lots", "sessions", "billing"):
-            rt.internal_clients[service] = InternalClient(
-                "http://testserver", rt.secret, transport=tc._transport
-            )
-        rt.providers["sandbox"] = SandboxProvider(
-            "http://testserver/sandbox/pay", transport=tc._transport
-        )
+    with embedded_city(tmp_path_factory.mktemp("lots-embedded") / "city.db") as tc:
         yield tc
 
 
