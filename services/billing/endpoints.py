@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -303,5 +303,5 @@ def ledger_check(_: FinanceAuth, db: DbSession) -> LedgerCheck:
 
 
 @internal.get("/stats")
-def stats(_: InternalAuth, db: DbSession, since: datetime) -> dict[str, int]:
+def stats(_: InternalAuth, db: DbSession, since: datetime) -> dict[str, Any]:
     return charges.stats(db, since)

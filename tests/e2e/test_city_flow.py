@@ -203,6 +203,9 @@ def test_postpay_parking_flows_through_the_city(city: City) -> None:
     assert stats["districts"] == 10
     assert stats["parkings_served"] >= 1
     assert stats["captured_fen"] >= expected_fee
+    [gusu] = [d for d in stats["by_district"] if d["district"] == "gusu"]
+    assert gusu["captured_fen"] >= expected_fee
+    assert gusu["charges_captured"] >= 1
     assert stats["growth"]["period_days"] == 7
     assert http.get("/v1/admin/stats", headers=me).json()["code"] == "forbidden"
 

@@ -52,6 +52,7 @@ from shared.bus.kafka import KafkaBus, KafkaSubscription
 from shared.bus.models import LogRow
 from shared.events import AccountUpdated, CloudEvent, Decision
 from shared.http import make_app
+from shared.internal import InternalClient
 from shared.runtime import Runtime, attach
 from shared.settings import Settings
 from shared.topics import ACCOUNT_EVENTS
@@ -246,6 +247,7 @@ def new_charge(
     operator_id: str | None = None,
     commission_bps: int = 0,
     exited_at: datetime | None = None,
+    district: str | None = None,
 ) -> str:
     exited = exited_at or datetime.now(UTC)
     with factory() as db, db.begin():
@@ -255,6 +257,7 @@ def new_charge(
             lot_id="lot",
             lot_code="L",
             operator_id=operator_id or f"op-{uuid.uuid4().hex[:8]}",
+            district=district,
             plate="苏E12345",
             plate_color="blue",
             entered_at=exited - timedelta(hours=1),
@@ -806,6 +809,62 @@ def test_reconciliation_finds_each_kind_of_mismatch(
 
 
 # --- arrears and suspension, through Kafka to the gate's Redis state ---------------------
+
+
+def billing_stats(rt: Runtime, billing: httpx.Client) -> dict[str, Any]:
+    """Billing's share of /v1/admin/stats, from its internal API as the gateway reads it."""
+    stats: dict[str, Any] = InternalClient(str(billing.base_url), rt.secret).call(
+        "GET", "/internal/billing/stats?since=2000-01-01T00:00:00Z"
+    )
+    return stats
+
+
+def test_settled_charges_and_arrears_are_counted_per_district(
+    sandbox: str, factory: sessionmaker[Session], cfg: Settings, rt: Runtime, billing: httpx.Client
+) -> None:
+    here, there = (f"d{uuid.uuid4().hex[:8]}" for _ in range(2))
+    payer = enrolled(factory, agreement(sandbox))
+    poor = agreement(sandbox, "insufficient_funds", 100)
+    debtor = enrolled(factory, poor)
+    settled = [new_charge(factory, payer, fen, district=here) for fen in (650, 1_100)]
+    settled.append(new_charge(factory, payer, 300, district=there))
+    owed = [new_charge(factory, debtor, 500, district=here)]
+    waiting = new_charge(factory, payer, 9_999, district=there)  # not sent yet: neither
+    assert {step(factory, cfg, rt, c).status for c in settled} == {ChargeStatus.captured}
+    assert step(factory, cfg, rt, owed[0]).status == ChargeStatus.declined
+    assert get_charge(factory, waiting).status == ChargeStatus.pending
+
+    stats = billing_stats(rt, billing)
+    assert stats["by_district"][here] == {
+        "postpay_drivers": 2,
+        "charges_captured": 2,
+        "captured_fen": 1_750,
+        "charges_in_arrears": 1,
+        "arrears_fen": 500,
+    }
+    assert stats["by_district"][there] == {
+        "postpay_drivers": 1,
+        "charges_captured": 1,
+        "captured_fen": 300,
+        "charges_in_arrears": 0,
+        "arrears_fen": 0,
+    }
+    # The districts' shares are part of the city's totals.
+    assert stats["captured_fen"] >= sum(d["captured_fen"] for d in stats["by_district"].values())
+    assert stats["arrears_fen"] >= 500
+
+    # Paying the arrears moves the money from one column to the other.
+    httpx.post(f"{sandbox}/v1/agreements/{poor}/deposits", json={"amount_fen": 100_000})
+    assert billing.post("/v1/me/arrears/payments", headers=as_driver(rt, debtor)).status_code == 202
+    assert step(factory, cfg, rt, owed[0]).status == ChargeStatus.captured
+    stats = billing_stats(rt, billing)
+    assert stats["by_district"][here] == {
+        "postpay_drivers": 2,
+        "charges_captured": 3,
+        "captured_fen": 2_250,
+        "charges_in_arrears": 0,
+        "arrears_fen": 0,
+    }
 
 
 @pytest.fixture

@@ -153,3 +153,16 @@ def test_map_figures_and_prices_on_the_embedded_default(client: TestClient) -> N
     )
     [charge] = charges
     assert charge["amount_fen"] == answer["fee_fen"] > 0
+
+    # The settled charge shows in the lot's district, and only there.
+    def settled() -> dict[str, Any] | None:
+        figures = client.get("/v1/admin/stats", headers=admin).json()
+        return figures if figures["captured_fen"] == charge["amount_fen"] else None
+
+    stats = eventually(settled)
+    money = {
+        d["district"]: (d["charges_captured"], d["captured_fen"]) for d in stats["by_district"]
+    }
+    assert money.pop("kunshan") == (1, charge["amount_fen"])
+    assert set(money.values()) == {(0, 0)}
+    assert sum(d["arrears_fen"] for d in stats["by_district"]) == stats["arrears_fen"] == 0

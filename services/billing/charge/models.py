@@ -27,6 +27,7 @@ class Charge(Base):
     __table_args__ = (
         Index("ix_billing_charge_driver", "driver_id", "created_at"),
         Index("ix_billing_charge_work", "status", "next_attempt_at"),
+        Index("ix_billing_charge_district", "district", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -36,6 +37,9 @@ class Charge(Base):
     lot_id: Mapped[str] = mapped_column(String(36))
     lot_code: Mapped[str] = mapped_column(String(64))
     operator_id: Mapped[str] = mapped_column(String(36))
+    # The lot's district when the session closed, for the city's per-district figures. Charges
+    # opened before it was recorded have none; they count in the city's totals only.
+    district: Mapped[str | None] = mapped_column(String(40), default=None)
     plate: Mapped[str] = mapped_column(String(16))
     plate_color: Mapped[str] = mapped_column(String(10))
     entered_at: Mapped[datetime]

@@ -72,6 +72,7 @@ def open_charge(db: Session, lots: InternalClient, closed: SessionClosed) -> Cha
         lot_id=closed.lot_id,
         lot_code=closed.lot_code,
         operator_id=closed.operator_id,
+        district=closed.district,
         plate=closed.plate,
         plate_color=closed.plate_color,
         entered_at=closed.entered_at,
@@ -307,12 +308,28 @@ def get_charge_for(db: Session, driver_id: str, charge_id: str) -> Charge:
     return charge
 
 
-def stats(db: Session, since: datetime) -> dict[str, int]:
+def stats(db: Session, since: datetime) -> dict[str, Any]:
+    """Billing's share of the city's figures: drivers, money settled and arrears, and the money
+    figures again per district."""
+
     def scalar(q: Any) -> int:
         return int(db.scalar(q) or 0)
 
     captured = Charge.status == ChargeStatus.captured
+    declined = Charge.status == ChargeStatus.declined
     amount = select(func.coalesce(func.sum(Charge.amount_fen), 0))
+    per_district = db.execute(
+        select(
+            Charge.district,
+            func.count(Charge.driver_id.distinct()).label("postpay_drivers"),
+            func.count().filter(captured).label("charges_captured"),
+            func.coalesce(func.sum(Charge.amount_fen).filter(captured), 0).label("captured_fen"),
+            func.count().filter(declined).label("charges_in_arrears"),
+            func.coalesce(func.sum(Charge.amount_fen).filter(declined), 0).label("arrears_fen"),
+        )
+        .where(Charge.district.is_not(None))
+        .group_by(Charge.district)
+    )
     return {
         "registered_drivers": scalar(select(func.count()).select_from(Driver)),
         "new_drivers_since": scalar(
@@ -322,7 +339,18 @@ def stats(db: Session, since: datetime) -> dict[str, int]:
         "charges_captured": scalar(select(func.count()).select_from(Charge).where(captured)),
         "captured_fen": scalar(amount.where(captured)),
         "captured_fen_since": scalar(amount.where(captured, Charge.captured_at >= since)),
-        "arrears_fen": scalar(amount.where(Charge.status == ChargeStatus.declined)),
+        "charges_in_arrears": scalar(select(func.count()).select_from(Charge).where(declined)),
+        "arrears_fen": scalar(amount.where(declined)),
+        "by_district": {
+            row.district: {
+                "postpay_drivers": int(row.postpay_drivers),
+                "charges_captured": int(row.charges_captured),
+                "captured_fen": int(row.captured_fen),
+                "charges_in_arrears": int(row.charges_in_arrears),
+                "arrears_fen": int(row.arrears_fen),
+            }
+            for row in per_district
+        },
     }
 
 

@@ -28,8 +28,8 @@ class Growth(BaseModel):
 
 
 class DistrictFigures(BaseModel):
-    """One district's share of the headline figures (from the lots service's registry and its
-    own count of closed sessions)."""
+    """One district's share of the headline figures: lots and parkings from the lots service's
+    registry and its count of closed sessions, money from billing's charges."""
 
     district: str
     name: str
@@ -40,6 +40,11 @@ class DistrictFigures(BaseModel):
     free_spaces: int
     parkings_today: int
     parkings_served: int
+    postpay_drivers: int = Field(0, description="Drivers who left here first and paid after")
+    charges_captured: int = 0
+    captured_fen: int = Field(0, description="Charges settled with the driver's account")
+    charges_in_arrears: int = 0
+    arrears_fen: int = Field(0, description="Declined charges not yet paid")
 
 
 class CityStats(BaseModel):
@@ -57,6 +62,7 @@ class CityStats(BaseModel):
     postpay_parkings: int
     charges_captured: int
     captured_fen: int
+    charges_in_arrears: int
     arrears_fen: int
     parkings_today: int = Field(description="Sessions closed today (Asia/Shanghai calendar)")
     growth: Growth
@@ -105,6 +111,7 @@ async def city_stats(
         postpay_parkings=sessions["postpay_parkings"],
         charges_captured=billing["charges_captured"],
         captured_fen=billing["captured_fen"],
+        charges_in_arrears=billing["charges_in_arrears"],
         arrears_fen=billing["arrears_fen"],
         parkings_today=lots["parkings_today"],
         growth=Growth(
@@ -113,7 +120,10 @@ async def city_stats(
             parkings=sessions["parkings_since"],
             captured_fen=billing["captured_fen_since"],
         ),
-        by_district=[DistrictFigures.model_validate(d) for d in lots["by_district"]],
+        by_district=[
+            DistrictFigures.model_validate(d | billing["by_district"].get(d["district"], {}))
+            for d in lots["by_district"]
+        ],
         district_feeds=feeds,
     )
 
