@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 
-from pydantic import SecretStr
+from pydantic import Field, IPvAnyNetwork, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     arrears_limit_fen: int = 20_000
     # How often billing looks for drivers whose arrears just passed the grace period.
     arrears_sweep_interval_s: float = 60.0
+    # Threads sending charges to the provider (PostgreSQL; SQLite keeps one). Each mostly waits
+    # for the provider, so charges/s ≈ workers / provider latency.
+    billing_charge_workers: int = Field(8, ge=1, le=64)
 
     # The payment sandbox signs its notifications with HMAC-SHA256 under this secret (shared
     # with billing, which verifies them). Unset: derived from the JWT secret.
@@ -57,6 +60,28 @@ class Settings(BaseSettings):
     signature_max_skew_s: int = 300
     occurred_at_max_past_s: int = 7 * 24 * 3600
     occurred_at_max_future_s: int = 300
+    connector_rate_limit_requests: int = Field(
+        50,
+        ge=1,
+        description="Connector API requests one car park may make per window, shared by every "
+        "gateway replica through Redis; past it the gateway answers 429 with Retry-After.",
+    )
+    connector_rate_limit_window_s: int = Field(
+        1, ge=1, description="The connector rate-limit window, in whole seconds."
+    )
+
+    # Drivers' webhooks (the URL must lead to the public internet).
+    webhook_allow_http: bool = Field(
+        False,
+        description="Accept plain `http` webhook URLs; for development and tests only, "
+        "production takes `https` alone.",
+    )
+    webhook_allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description='Networks (CIDR, a JSON list: `["127.0.0.0/8"]`) webhooks may reach although '
+        "they are not public, for development and tests; empty in production, where loopback, "
+        "private, link-local and other internal addresses and names are refused.",
+    )
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -1,14 +1,16 @@
 """Notifications on PostgreSQL and Kafka: made by billing's notification consumer from the real
 events, each shown once however often it is delivered, muted kinds never made, SMS through the
-sandbox outbox, and signed webhooks retried until a local receiver (port 18700) takes them."""
+sandbox outbox, signed webhooks retried until a local receiver (port 18700) takes them, and
+webhook URLs that lead anywhere but the public internet refused at registration and at send."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -27,6 +29,7 @@ from services.billing.notification import consumers as notification_consumers
 from services.billing.notification import service as notifications
 from services.billing.notification.models import Delivery, DeliveryStatus, Notification
 from services.billing.notification.port import SIGNATURE_HEADER, sign, verify
+from services.billing.notification.urlguard import RESOLVER_PROVIDER
 from shared.auth import issue_driver_token
 from shared.bus.consumer import idempotent
 from shared.bus.kafka import KafkaBus
@@ -56,20 +59,47 @@ PLATE = "苏E12345"
 MASKED = "苏E·12*45"
 
 
+def _redis_15(settings: Settings) -> str:
+    return settings.redis_url.rsplit("/", 1)[0] + "/15"
+
+
 @pytest.fixture(scope="module")
 def rt(settings: Settings) -> Runtime:
-    redis_15 = settings.redis_url.rsplit("/", 1)[0] + "/15"
-    return Runtime(settings.model_copy(update={"redis_url": redis_15}), source="billing")
+    # The local receiver is plain http on loopback, which production refuses: this module opts
+    # in to exactly that one address.
+    relaxed = settings.model_copy(
+        update={
+            "redis_url": _redis_15(settings),
+            "webhook_allow_http": True,
+            "webhook_allowed_networks": [ipaddress.ip_network("127.0.0.1/32")],
+        }
+    )
+    return Runtime(relaxed, source="billing")
 
 
-@pytest.fixture(scope="module")
-def api(rt: Runtime) -> Iterator[TestClient]:
+def _client(rt: Runtime) -> Iterator[TestClient]:
     app = make_app("billing", "")
     attach(app, rt)
     for router in billing_part.routers:
         app.include_router(router)
     with TestClient(app) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def api(rt: Runtime) -> Iterator[TestClient]:
+    yield from _client(rt)
+
+
+@pytest.fixture(scope="module")
+def strict_api(settings: Settings) -> Iterator[TestClient]:
+    """Billing with the production webhook rules (no opt-in)."""
+    strict = Runtime(settings.model_copy(update={"redis_url": _redis_15(settings)}), "billing")
+    assert (strict.settings.webhook_allow_http, strict.settings.webhook_allowed_networks) == (
+        False,
+        [],
+    )
+    yield from _client(strict)
 
 
 class Receiver:
@@ -494,3 +524,130 @@ def test_notifications_are_unique_per_key_in_the_database(rt: Runtime) -> None:
     with rt.sessionmaker() as db:
         rows = list(db.scalars(select(Notification).where(Notification.driver_id == driver)))
         assert len(rows) == 1
+
+
+# --- webhook URLs that lead inside --------------------------------------------------------
+
+
+def test_registration_refuses_internal_urls_with_a_problem(
+    strict_api: TestClient, api: TestClient, rt: Runtime
+) -> None:
+    driver = enrolled_driver(rt.sessionmaker, a_plate())
+    headers = auth(rt, driver)
+
+    def put(client: TestClient, url: str) -> tuple[int, str, str]:
+        answer = client.put("/v1/me/webhook", json={"url": url}, headers=headers)
+        body = answer.json()
+        return answer.status_code, body.get("code", ""), body.get("detail", "")
+
+    for url, why in [
+        ("http://127.0.0.1:8003/internal/v1/ledger", "Only https"),
+        ("https://127.0.0.1:8003/internal/v1/ledger", "loopback"),
+        ("https://2130706433:8003/internal", "loopback"),  # 127.0.0.1 spelled as a number
+        ("https://169.254.169.254/latest/meta-data/", "link-local"),
+        ("https://100.100.100.200/latest/meta-data/", "non-public"),
+        ("https://10.1.2.3/", "private"),
+        ("https://[::1]:8003/", "loopback"),
+        ("https://[::ffff:127.0.0.1]/", "loopback"),
+        ("https://localhost:8003/internal", "internal name"),
+        ("https://billing:8003/internal", "internal name"),
+        ("https://metadata.google.internal/", "internal name"),
+        ("https://user:pw@hooks.example.com/", "user name or password"),
+    ]:
+        status, code, detail = put(strict_api, url)
+        assert (status, code) == (422, "webhook_url_forbidden"), (url, detail)
+        assert why in detail, (url, detail)
+    assert strict_api.get("/v1/me/webhook", headers=headers).status_code == 404
+
+    # The module's opt-in covers 127.0.0.1 over http and nothing else.
+    for url in ("http://10.1.2.3/", "http://169.254.169.254/", "http://127.0.0.2:8003/"):
+        assert put(api, url)[:2] == (422, "webhook_url_forbidden"), url
+    assert api.get("/v1/me/webhook", headers=headers).status_code == 404
+    # an earlier, accepted webhook survives a refused replacement
+    accepted = f"http://127.0.0.1:{RECEIVER_PORT}/hooks/{driver}"
+    assert put(api, accepted)[0] == 200
+    assert put(api, "http://10.1.2.3/")[:2] == (422, "webhook_url_forbidden")
+    assert api.get("/v1/me/webhook", headers=headers).json()["url"] == accepted
+
+
+class Dns:
+    """The resolver billing uses, answering from a table (names under the reserved `.example`
+    top-level domain, which no real DNS answers)."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+
+    def __call__(self, host: str, port: int) -> Sequence[str]:
+        if host not in self.table:
+            raise OSError(f"{host}: Name or service not known")
+        return self.table[host]
+
+
+def test_a_name_resolving_inside_or_nowhere_is_refused_at_registration(
+    strict_api: TestClient, rt: Runtime
+) -> None:
+    driver = enrolled_driver(rt.sessionmaker, a_plate())
+    headers = auth(rt, driver)
+    dns = Dns({"rebind.driver.example": ["10.0.0.5"], "mixed.driver.example": ["fd00::5"]})
+    strict_rt: Runtime = strict_api.app.state.runtime  # type: ignore[attr-defined]
+    strict_rt.providers[RESOLVER_PROVIDER] = dns
+    try:
+        for url, code, why in [
+            ("https://rebind.driver.example/h", "webhook_url_forbidden", "private"),
+            ("https://mixed.driver.example/h", "webhook_url_forbidden", "private"),
+            ("https://gone.driver.example/h", "webhook_url_unresolvable", "does not resolve"),
+        ]:
+            answer = strict_api.put("/v1/me/webhook", json={"url": url}, headers=headers)
+            assert (answer.status_code, answer.json()["code"]) == (422, code), answer.text
+            assert why in answer.json()["detail"]
+            assert "10.0.0.5" not in answer.text  # the internal address is not disclosed
+    finally:
+        del strict_rt.providers[RESOLVER_PROVIDER]
+    assert strict_api.get("/v1/me/webhook", headers=headers).status_code == 404
+
+
+def test_delivery_goes_to_the_checked_address_and_not_after_rebinding(
+    rt: Runtime, api: TestClient, receiver: Receiver
+) -> None:
+    driver = enrolled_driver(rt.sessionmaker, a_plate())
+    url = f"http://hooks.driver.example:{RECEIVER_PORT}/hooks/{driver}"
+    dns = Dns({"hooks.driver.example": ["127.0.0.1"]})
+    rt.providers[RESOLVER_PROVIDER] = dns
+    try:
+        registered = api.put("/v1/me/webhook", json={"url": url}, headers=auth(rt, driver))
+        assert registered.status_code == 200, registered.text
+
+        first = charge_for(rt.sessionmaker, driver, 100)
+        deliver(rt, charge_event(first, EventType.charge_captured))
+        send_due(rt)
+        # The name resolves only through billing's resolver, so reaching the receiver proves
+        # the request went to the address that was checked, under the URL's own name.
+        got = [(h, b) for h, b in receiver.requests if json.loads(b)["data"]["ref_id"] == first.id]
+        assert len(got) == 1
+        assert got[0][0]["host"] == f"hooks.driver.example:{RECEIVER_PORT}"
+
+        # DNS now points the same name at another internal address (loopback, outside the
+        # opt-in, so that even a broken guard could send nowhere but this machine): the
+        # attempt fails and nothing is sent.
+        dns.table["hooks.driver.example"] = ["127.0.0.2"]
+        second = charge_for(rt.sessionmaker, driver, 200)
+        deliver(rt, charge_event(second, EventType.charge_captured))
+        send_due(rt)
+    finally:
+        del rt.providers[RESOLVER_PROVIDER]
+    assert not [b for _, b in receiver.requests if json.loads(b)["data"]["ref_id"] == second.id]
+    with rt.sessionmaker() as db:
+        hooks = {
+            n.ref_id: d
+            for d, n in db.execute(
+                select(Delivery, Notification)
+                .join(Notification, Notification.id == Delivery.notification_id)
+                .where(Notification.driver_id == driver, Delivery.channel == "webhook")
+            )
+        }
+    assert hooks[first.id].status == DeliveryStatus.delivered
+    refused = hooks[second.id]
+    assert (refused.status, refused.attempts) == (DeliveryStatus.pending, 1)
+    assert refused.last_error is not None
+    assert "webhook_url_forbidden" in refused.last_error
+    assert "loopback" in refused.last_error

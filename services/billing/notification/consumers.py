@@ -18,6 +18,7 @@ from services.billing.notification import service as notifications
 from services.billing.notification import texts
 from services.billing.notification.models import Channel, NotificationKind, PostpayWatch
 from services.billing.notification.port import NotificationChannel, SmsSandbox, WebhookChannel
+from services.billing.notification.urlguard import UrlGuard
 from shared.bus.consumer import ConsumerLoop, dead_letter_to_db, idempotent
 from shared.bus.factory import make_subscription
 from shared.bus.port import Handler, Message
@@ -210,7 +211,10 @@ def consumer(rt: Runtime, topics: Sequence[str] = TOPICS, group: str = GROUP) ->
 
 
 def channels(rt: Runtime) -> dict[Channel, NotificationChannel]:
-    return {Channel.sms: SmsSandbox(), Channel.webhook: WebhookChannel(rt.secret)}
+    return {
+        Channel.sms: SmsSandbox(),
+        Channel.webhook: WebhookChannel(rt.secret, UrlGuard.from_runtime(rt)),
+    }
 
 
 def delivery_worker(rt: Runtime) -> Worker:

@@ -16,6 +16,11 @@ from services.billing.notification.schemas import (
     WebhookIn,
     WebhookOut,
 )
+from services.billing.notification.urlguard import (
+    UrlGuard,
+    WebhookUrlForbidden,
+    WebhookUrlUnresolvable,
+)
 from shared.auth import DriverAuth
 from shared.deps import DbSession
 from shared.errors import NotFound, ValidationFailed
@@ -70,16 +75,20 @@ def put_preferences(data: Preferences, who: DriverAuth, db: DbSession) -> Prefer
 @me.put(
     "/webhook",
     response_model=WebhookOut,
-    responses=problem_responses(ValidationFailed),
+    responses=problem_responses(ValidationFailed, WebhookUrlForbidden, WebhookUrlUnresolvable),
 )
 def put_webhook(data: WebhookIn, who: DriverAuth, db: DbSession, request: Request) -> WebhookOut:
     """Register your one webhook URL (replacing any other, with a new secret). Each
     notification is POSTed as JSON with `webhook-id` and `x-citypark-signature:
-    t=<unix>,v1=<hex HMAC-SHA256 of "<t>." + body>`; answer 2xx, or it is retried."""
+    t=<unix>,v1=<hex HMAC-SHA256 of "<t>." + body>`; answer 2xx, or it is retried (redirects
+    are not followed). The URL must be `https` and its host a public name that resolves to
+    public internet addresses only: anything else is `webhook_url_forbidden`, a name that
+    does not resolve `webhook_url_unresolvable`."""
     url = str(data.url)
     if len(url) > 500:
         raise ValidationFailed("The URL is longer than 500 characters")
-    return _webhook_out(request, notifications.register_webhook(db, who.id, url))
+    guard = UrlGuard.from_runtime(request.app.state.runtime)
+    return _webhook_out(request, notifications.register_webhook(db, who.id, url, guard))
 
 
 @me.get("/webhook", response_model=WebhookOut, responses=problem_responses(NotFound))

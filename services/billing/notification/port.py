@@ -1,9 +1,10 @@
 """The notification port: channels that carry a notification to a driver.
 
 `SmsSandbox` writes to the sandbox SMS outbox admins read (the same one sign-in codes use);
-`WebhookChannel` posts signed JSON to the driver's URL. A channel raises `DeliveryFailed` on
-anything but an acknowledgement; the delivery worker retries with backoff, so a notification
-arrives at least once (receivers dedupe on the `webhook-id` header).
+`WebhookChannel` posts signed JSON to the driver's URL, after checking again that it leads to a
+public address (`urlguard`). A channel raises `DeliveryFailed` on anything but an
+acknowledgement; the delivery worker retries with backoff, so a notification arrives at least
+once (receivers dedupe on the `webhook-id` header).
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ import time
 from typing import Any, Protocol
 
 import httpx
+import structlog
 from sqlalchemy.orm import Session
 
 from services.billing.driver.models import SmsMessage
 from services.billing.notification.models import Notification
+from services.billing.notification.urlguard import UrlGuard
+from shared.errors import Problem
+
+log = structlog.get_logger(__name__)
 
 SIGNATURE_HEADER = "x-citypark-signature"
 TOLERANCE_S = 300
@@ -90,24 +96,51 @@ def payload(notification: Notification) -> dict[str, Any]:
 
 
 class WebhookChannel:
-    def __init__(self, platform_secret: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, platform_secret: str, guard: UrlGuard, *, timeout: float = 5.0) -> None:
         self.platform_secret = platform_secret
-        self.http = httpx.Client(timeout=timeout, follow_redirects=False)
+        self.guard = guard
+        # Each request goes to the address the guard checked, under the URL's own name (Host
+        # header, TLS SNI and certificate check): no pooled connection may be reused for
+        # another name on the same address, and no proxy from the environment sits between.
+        self.http = httpx.Client(
+            timeout=timeout,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
 
     def send(self, db: Session, notification: Notification, target: str) -> None:
         webhook_id, _, url = target.partition(" ")
+        try:
+            checked = self.guard.check(url)
+        except Problem as exc:
+            # DNS may have moved since registration (rebinding): nothing is sent.
+            log.warning(
+                "notification.webhook_refused",
+                notification_id=notification.id,
+                webhook_id=webhook_id,
+                code=exc.code,
+                reason=exc.detail,
+            )
+            raise DeliveryFailed(f"not sent, {exc.code}: {exc.detail}") from exc
+        parsed = httpx.URL(url)
         body = json.dumps(payload(notification), ensure_ascii=False).encode()
         try:
             answer = self.http.post(
-                url,
+                parsed.copy_with(host=checked.address),
                 content=body,
                 headers={
+                    "host": parsed.netloc.decode("ascii"),
                     "content-type": "application/json",
                     "webhook-id": notification.id,
                     SIGNATURE_HEADER: sign(webhook_secret(self.platform_secret, webhook_id), body),
                 },
+                extensions={"sni_hostname": checked.host},
+                follow_redirects=False,
             )
         except httpx.HTTPError as exc:
             raise DeliveryFailed(repr(exc)[:300]) from exc
+        if 300 <= answer.status_code < 400:
+            raise DeliveryFailed(f"answered {answer.status_code}; redirects are not followed")
         if not 200 <= answer.status_code < 300:
             raise DeliveryFailed(f"answered {answer.status_code}")

@@ -27,6 +27,7 @@ from services.billing.notification.models import (
     Webhook,
 )
 from services.billing.notification.port import DeliveryFailed, NotificationChannel
+from services.billing.notification.urlguard import UrlGuard
 from shared.db import new_id as _new_id
 from shared.errors import NotFound
 from shared.timeutil import utcnow
@@ -132,8 +133,10 @@ def deliveries_of(db: Session, notification_ids: list[str]) -> dict[str, list[De
     return out
 
 
-def register_webhook(db: Session, driver_id: str, url: str) -> Webhook:
-    """The driver's one webhook; registering again replaces the URL and the secret."""
+def register_webhook(db: Session, driver_id: str, url: str, guard: UrlGuard) -> Webhook:
+    """The driver's one webhook; registering again replaces the URL and the secret. A URL that
+    does not lead to the public internet is refused (`urlguard`)."""
+    guard.check(url)
     existing = db.get(Webhook, driver_id)
     if existing is not None:
         db.delete(existing)

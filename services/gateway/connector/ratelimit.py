@@ -1,9 +1,10 @@
 """Per-lot request budget for the connector API, counted in Redis so every gateway replica
 shares it (SPEC §4: 429 with `Retry-After`).
 
-A fixed one-second window: a gate controller sends a few requests a second at most, and a
-replay after an outage goes through batches of 500, so a small budget leaves honest lots
-untouched while a runaway connector cannot starve the others.
+A fixed window, by default 50 requests a second (`connector_rate_limit_requests` and
+`connector_rate_limit_window_s` in settings): a gate controller sends a few requests a second
+at most, and a replay after an outage goes through batches of 500, so a small budget leaves
+honest lots untouched while a runaway connector cannot starve the others.
 """
 
 from __future__ import annotations
@@ -17,22 +18,29 @@ from fastapi.responses import JSONResponse
 from shared.errors import RateLimited
 from shared.http import problem_response
 from shared.runtime import Runtime
+from shared.settings import Settings
 
-PROVIDER = "connector.rate_limit"  # a `RateLimit` in `Runtime.providers` overrides the default
+PROVIDER = "connector.rate_limit"  # a `RateLimit` in `Runtime.providers` overrides the settings
 
 
 @dataclass(frozen=True)
 class RateLimit:
-    requests: int = 50
-    window_s: int = 1
+    requests: int
+    window_s: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimit:
+        return cls(settings.connector_rate_limit_requests, settings.connector_rate_limit_window_s)
 
 
-DEFAULT = RateLimit()
+def limit_for(rt: Runtime) -> RateLimit:
+    override: RateLimit | None = rt.providers.get(PROVIDER)
+    return override if override is not None else RateLimit.from_settings(rt.settings)
 
 
 def check(rt: Runtime, lot_id: str, now: float | None = None) -> float | None:
     """Count this request; seconds to wait when the lot is over its budget, else None."""
-    limit: RateLimit = rt.providers.get(PROVIDER, DEFAULT)
+    limit = limit_for(rt)
     at = time.time() if now is None else now
     window = int(at // limit.window_s)
     key = f"citypark:gw:rate:{lot_id}:{window}"
