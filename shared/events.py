@@ -119,6 +119,9 @@ class LotEvent(BaseModel):
     decision: Decision | None = None
     reason: str | None = None
     driver_id: str | None = None
+    # Only for exits the gate decided without the city: what it answered then
+    # ({decision, reason, eligibility_version, decided_at}), kept whatever was recorded.
+    offline_decision: dict[str, Any] | None = None
 
 
 class ParkingEvent(LotEvent):

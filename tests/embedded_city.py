@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from citypark_connector import generate_keypair
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
@@ -36,3 +38,38 @@ def embedded_city(db_file: Path, *, raise_server_exceptions: bool = True) -> Ite
             "http://testserver/sandbox/pay", transport=tc._transport
         )
         yield tc
+
+
+def onboard_lot(
+    client: TestClient,
+    admin: dict[str, str],
+    *,
+    code: str,
+    district: str,
+    tariff: dict[str, Any],
+    commission_bps: int = 0,
+) -> tuple[dict[str, Any], str]:
+    """An operator and one car park of 50 spaces with a connector key, through the admin API;
+    returns the lot and the key's private PEM (its key id is the lowercased code)."""
+    operator = client.post(
+        "/v1/admin/operators",
+        headers=admin,
+        json={"name": "o", "commission_bps": commission_bps, "settlement_account": "x"},
+    ).json()
+    private_pem, public_pem = generate_keypair()
+    lot = client.post(
+        "/v1/admin/lots",
+        headers=admin,
+        json={
+            "code": code,
+            "name": "n",
+            "district": district,
+            "operator_id": operator["id"],
+            "capacity": 50,
+            "location": {"lat": 31.26, "lng": 120.63},
+            "public_keys": [{"key_id": code.lower(), "public_key_pem": public_pem}],
+            "tariff": tariff,
+        },
+    )
+    assert lot.status_code == 201, lot.text
+    return lot.json(), private_pem

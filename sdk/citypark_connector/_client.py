@@ -3,7 +3,9 @@
 `entry()` and `exit()` write the event to the local outbox first and only then send it, so a
 crash, a power cut or an outage never loses one; a background worker replays what is left, in
 order, through `/v1/connector/batches`. `exit()` answers within a hard deadline: when the city
-is slow or away, it decides from the last eligibility snapshot and says so (`offline=True`).
+is slow or away, it decides from the last eligibility snapshot and says so (`offline=True`);
+the replay of that exit carries the decision (`offline_decision`), so that the city honours
+a post-pay the gate promised.
 """
 
 from __future__ import annotations
@@ -201,6 +203,9 @@ class ConnectorClient:
         self._backoff = _Backoff(backoff_base_s, backoff_cap_s, rng or random.Random())
         self._inflight: set[str] = set()
         self._inflight_lock = threading.Lock()
+        # Exits this process decided offline whose first send may still be answered late.
+        self._decided_offline: dict[str, str] = {}
+        self._bare: set[str] = set()  # exits whose offline_decision the city refused
         self._flush_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._worker: threading.Thread | None = None
@@ -445,7 +450,16 @@ class ConnectorClient:
 
         `free` when the snapshot's passes cover the stay from `entered_at` (if known) to `at`
         (the exit, default now); without the entry only the exit instant is judged."""
-        snap = self._snapshot
+        return self._decide_offline(self._snapshot, plate, plate_color, at, entered_at)
+
+    def _decide_offline(
+        self,
+        snap: Snapshot | None,
+        plate: str,
+        plate_color: str,
+        at: datetime | None,
+        entered_at: datetime | None,
+    ) -> tuple[str, str]:
         if snap is None:
             return "pay_on_site", "offline_no_snapshot"
         stale = time.time() - snap.fetched_at > self.snapshot_max_age_s
@@ -579,7 +593,7 @@ class ConnectorClient:
         if event.state is EventState.delivered and event.answer is not None:
             return event, _decision(event.answer, event_id)
         if event.offline_decision is not None:
-            return event, Decision(**event.offline_decision)
+            return event, _offline_answer(event.offline_decision, event_id)
         # Stored by an earlier run that died before deciding: decide now.
         if not self._claim([event_id]):
             raise RuntimeError(f"event {event_id} is being reported by another call right now")
@@ -648,10 +662,15 @@ class ConnectorClient:
             self._release([event.event_id])
 
     def _record_answer(self, event: OutboxEvent, response: httpx.Response) -> _Outcome:
+        with self._inflight_lock:
+            offline = self._decided_offline.pop(event.event_id, None)
         if response.is_success:
             answer = _json_object(response)
             self.outbox.mark_delivered([(event.event_id, answer)])
             self._backoff.succeeded()
+            # An answer after the gate decided on its own: the city decided without knowing
+            # what the gate had promised.
+            _warn_if_broken(event.event_id, offline, answer)
             return _Outcome("delivered", answer=answer)
         error = _error_from(response)
         if _permanent(response.status_code):
@@ -686,12 +705,18 @@ class ConnectorClient:
         if outcome is not None and outcome.verdict == "rejected":
             assert outcome.error is not None
             raise _as_rejected(outcome.error)
-        decision, reason = self.offline_decision(
+        snap = self._snapshot
+        decision, reason = self._decide_offline(
+            snap,
             event.body["plate"],
             event.body["plate_color"],
-            at=datetime.fromisoformat(event.body["occurred_at"]),
+            datetime.fromisoformat(event.body["occurred_at"]),
+            None,
         )
         answer = Decision(event.event_id, decision, reason, None, offline=True)
+        with self._inflight_lock:
+            self._decided_offline[event.event_id] = decision  # for a late answer to the send
+        # Kept for the replay, which tells the city what the gate promised so it can honour it.
         self.outbox.set_offline_decision(
             event.event_id,
             {
@@ -700,6 +725,8 @@ class ConnectorClient:
                 "reason": answer.reason,
                 "session_id": None,
                 "offline": True,
+                "eligibility_version": None if snap is None else snap.version,
+                "decided_at": datetime.now(UTC).isoformat(),
             },
         )
         self._wake.set()
@@ -724,7 +751,8 @@ class ConnectorClient:
 
     def _send_batch(self, events: list[OutboxEvent]) -> int:
         ids = [e.event_id for e in events]
-        payload = {"events": [{"kind": e.kind, **e.body} for e in events]}
+        bare = {e.event_id for e in events if e.event_id in self._bare}
+        payload = {"events": [_replay_item(e, e.event_id not in bare) for e in events]}
         try:
             response = self._http.post(BATCHES, json=payload)
         except httpx.HTTPError as exc:
@@ -742,17 +770,35 @@ class ConnectorClient:
         data = _json_object(response)
         delivered: list[tuple[str, dict[str, Any]]] = []
         rejected: list[tuple[str, dict[str, Any]]] = []
+        resend: list[str] = []
         for item in data.get("results", []):
             index = item.get("index")
             if not isinstance(index, int) or not 0 <= index < len(events):
                 continue
             event_id = events[index].event_id
-            if item.get("status") == "rejected":
+            refused = item.get("status") == "rejected"
+            if refused and event_id not in bare and _offline_field_refused(item):
+                resend.append(event_id)
+            elif refused:
                 rejected.append((event_id, {k: v for k, v in item.items() if v is not None}))
             else:
                 delivered.append((event_id, item))
+                promised = (events[index].offline_decision or {}).get("decision")
+                _warn_if_broken(event_id, promised, item)
+        with self._inflight_lock:
+            for event_id in ids:
+                self._decided_offline.pop(event_id, None)
+            self._bare.difference_update(ids)
         self.outbox.mark_delivered(delivered)
         self.outbox.mark_rejected(rejected)
+        if resend:
+            # The exit itself must never be lost over what the gate decided (a city that
+            # predates the field refuses it): send it again without.
+            with self._inflight_lock:
+                self._bare.update(resend)
+            self.outbox.mark_failed(resend, "the city refused offline_decision")
+            for event_id in resend:
+                log.warning("citypark: offline_decision of %s refused; resending without", event_id)
         for event_id, problem in rejected:
             log.error("citypark: event %s rejected: %s", event_id, problem.get("code"))
         self._backoff.succeeded()
@@ -852,6 +898,55 @@ def _exit_body(
         "plate_color": plate_color,
         "lane": lane,
     }
+
+
+def _offline_answer(stored: Mapping[str, Any], event_id: str) -> Decision:
+    reason = stored.get("reason")
+    return Decision(
+        event_id=str(stored.get("event_id") or event_id),
+        decision=str(stored["decision"]),
+        reason=None if reason is None else str(reason),
+        session_id=None,
+        offline=True,
+    )
+
+
+def _replay_item(event: OutboxEvent, offline_field: bool = True) -> dict[str, Any]:
+    """A batch item; an exit the gate decided offline carries that decision, for the city to
+    honour what the gate promised. Rows written by older versions have no snapshot version
+    and no decision time: the decision was taken within the exit deadline of the write."""
+    item = {"kind": event.kind, **event.body}
+    stored = event.offline_decision
+    if offline_field and event.kind == "exit" and stored and stored.get("decision"):
+        decided_at = stored.get("decided_at") or (
+            datetime.fromtimestamp(event.created_at, UTC).isoformat()
+        )
+        item["offline_decision"] = {
+            "decision": stored["decision"],
+            "reason": stored.get("reason"),
+            "eligibility_version": stored.get("eligibility_version"),
+            "decided_at": decided_at,
+        }
+    return item
+
+
+def _offline_field_refused(item: Mapping[str, Any]) -> bool:
+    detail = item.get("detail")
+    return item.get("code") == "offline_decision_invalid" or (
+        item.get("code") == "validation_failed"
+        and isinstance(detail, str)
+        and detail.startswith("offline_decision")
+    )
+
+
+def _warn_if_broken(event_id: str, offline: str | None, answer: Mapping[str, Any]) -> None:
+    if offline == "postpay" and answer.get("decision") not in ("postpay", "free", None):
+        log.warning(
+            "citypark: exit %s left on an offline postpay but the city recorded %s (%s)",
+            event_id,
+            answer.get("decision"),
+            answer.get("reason"),
+        )
 
 
 def _heartbeat(free_spaces: int, total_spaces: int) -> dict[str, Any]:

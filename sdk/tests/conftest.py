@@ -29,6 +29,8 @@ class FakeCity:
     lose_answers: int = 0  # accept, then drop this many answers (the SDK sees a network error)
     rate_limited: int = 0  # answer this many requests with 429
     retry_after_s: int = 1
+    # How the city answers an item carrying `offline_decision`, if it refuses it.
+    offline_field_refusal: dict[str, str] | None = None
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     seen: dict[str, dict[str, Any]] = field(default_factory=dict)
     eligible: set[str] = field(default_factory=set)
@@ -54,6 +56,8 @@ class FakeCity:
         event_id = body["event_id"]
         if body["plate"] == INVALID_PLATE:
             return {"status": "rejected", "code": "plate_invalid", "detail": "not a plate"}
+        if "offline_decision" in body and self.offline_field_refusal is not None:
+            return {"status": "rejected", **self.offline_field_refusal}
         if event_id in self.seen:
             return {**self.seen[event_id], "status": "duplicate"}
         self.received.append((kind, body))

@@ -184,12 +184,15 @@ def test_exit_decides_offline_within_the_deadline(make_client: Any, city: FakeCi
     assert elapsed < 0.6
     assert (enrolled.decision, enrolled.reason, enrolled.offline) == ("postpay", "enrolled", True)
     stored = client.outbox.get(enrolled.event_id)
+    decided_at = datetime.fromisoformat(stored.offline_decision.pop("decided_at"))
+    assert abs((datetime.now(UTC) - decided_at).total_seconds()) < 5
     assert stored.offline_decision == {
         "event_id": enrolled.event_id,
         "decision": "postpay",
         "reason": "enrolled",
         "session_id": None,
         "offline": True,
+        "eligibility_version": city.eligibility_version,
     }
     city.delay_s = 0
     assert client.flush(timeout=5) == 0

@@ -18,6 +18,7 @@ from services.gateway.connector.schemas import (
     ExitOut,
     HeartbeatIn,
     HeartbeatOut,
+    OfflineDecisionInvalid,
     PassIn,
     PassOut,
 )
@@ -50,6 +51,9 @@ SIGNED = problem_responses(
     RateLimited,
 )
 EVENT_ERRORS = problem_responses(PlateInvalid, PlateColorInvalid, service.OccurredAtOutOfRange)
+EXIT_ERRORS = problem_responses(
+    PlateInvalid, PlateColorInvalid, service.OccurredAtOutOfRange, OfflineDecisionInvalid
+)
 
 
 def _rt(request: Request) -> Runtime:
@@ -85,11 +89,19 @@ async def report_entry(data: EntryIn, caller: LotAuth, request: Request) -> Entr
     return await run_in_threadpool(run)
 
 
-@router.post("/exits", response_model=ExitOut, responses={**SIGNED, **EVENT_ERRORS})
+@router.post("/exits", response_model=ExitOut, responses={**SIGNED, **EXIT_ERRORS})
 async def report_exit(data: ExitIn, caller: LotAuth, request: Request) -> ExitOut | Response:
     """A vehicle is at the exit gate: may it leave and pay afterwards (`postpay`)?
 
-    The exit is durably recorded before the answer."""
+    The exit is durably recorded before the answer.
+
+    The replay of an exit the gate decided offline carries `offline_decision`. A `postpay`
+    given then is honoured: if the vehicle still belongs to a driver, the exit is recorded
+    `postpay` with reason `offline_snapshot` (charged as usual, a decline opens arrears) even
+    when the city would now say `pay_on_site`. If the vehicle belongs to nobody any more, the
+    current decision stands and the event keeps the offline one. An offline `pay_on_site`
+    promises nothing, and a pass still makes the exit `free`. The answer says what was
+    recorded. The same applies to exits in `/batches`."""
     if (limited := await _over_budget(request, caller)) is not None:
         return limited
     rt = _rt(request)
@@ -107,6 +119,7 @@ async def report_exit(data: ExitIn, caller: LotAuth, request: Request) -> ExitOu
 async def report_batch(data: BatchIn, caller: LotAuth, request: Request) -> BatchOut | Response:
     """Up to 500 entries/exits at once (replay after an outage); one result per item, in order.
 
+    An exit the gate decided offline carries `offline_decision`, handled as in `/exits`.
     A batch counts as one request against the lot's budget."""
     if (limited := await _over_budget(request, caller)) is not None:
         return limited

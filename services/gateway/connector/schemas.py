@@ -6,7 +6,12 @@ from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from shared.errors import problem
 from shared.events import Decision
+
+OfflineDecisionInvalid = problem(
+    422, "offline_decision_invalid", "offline_decision.decided_at is outside the accepted window"
+)
 
 
 class Strict(BaseModel):
@@ -22,12 +27,44 @@ class EntryIn(Strict):
     lane: str = Field(default="", max_length=40, examples=["E1"])
 
 
+OFFLINE_DECISION_EXAMPLE = {
+    "decision": "postpay",
+    "reason": "enrolled",
+    "eligibility_version": 4182,
+    "decided_at": "2026-11-25T10:45:00.412+08:00",
+}
+
+
+class OfflineDecisionIn(Strict):
+    """What the gate answered on its own, from its eligibility snapshot, while the city was
+    slow or away. Sent only with the replay of an exit decided that way."""
+
+    decision: Decision = Field(examples=["postpay"])
+    # The connector's own reason (`enrolled`, `not_eligible`, `offline_snapshot_stale`, ...).
+    reason: str | None = Field(default=None, max_length=40, examples=["enrolled"])
+    # `version` of the snapshot it decided from; null when it had none.
+    eligibility_version: int | None = Field(default=None, ge=0, examples=[4182])
+    decided_at: AwareDatetime = Field(examples=["2026-11-25T10:45:00.412+08:00"])
+
+
 class ExitIn(Strict):
     event_id: UUID
     plate: str = Field(max_length=32, examples=["苏E12345"])
     plate_color: str = Field(examples=["blue"])
     occurred_at: AwareDatetime = Field(examples=["2026-11-25T10:45:00+08:00"])
     lane: str = Field(default="", max_length=40, examples=["X1"])
+    offline_decision: OfflineDecisionIn | None = Field(
+        default=None,
+        description=(
+            "Only on the replay of an exit the gate decided offline. An offline `postpay` is "
+            "honoured when the vehicle still belongs to a driver: the exit is recorded "
+            "`postpay` with reason `offline_snapshot` even if the driver was suspended or "
+            "lost the account meanwhile. An offline `pay_on_site` or `free` is kept as it was "
+            "(reason `offline_snapshot`): the driver paid at the gate and is not charged "
+            "again. Online exits leave it out."
+        ),
+        examples=[OFFLINE_DECISION_EXAMPLE],
+    )
 
 
 class EntryOut(BaseModel):

@@ -17,7 +17,15 @@ from pydantic import ValidationError
 
 from services.gateway.connector import passes
 from services.gateway.connector.auth import Caller
-from services.gateway.connector.schemas import BatchItemOut, EntryIn, EntryOut, ExitIn, ExitOut
+from services.gateway.connector.schemas import (
+    BatchItemOut,
+    EntryIn,
+    EntryOut,
+    ExitIn,
+    ExitOut,
+    OfflineDecisionIn,
+    OfflineDecisionInvalid,
+)
 from services.gateway.gate import state
 from shared.errors import Problem, problem
 from shared.events import Decision, EventType, Kind, LotEvent, new_event, session_id_for
@@ -100,6 +108,48 @@ def prepare_entry(rt: Runtime, caller: Caller, data: EntryIn) -> tuple[EntryOut,
     return EntryOut(event_id=str(data.event_id), status="accepted"), event
 
 
+def _keep_offline_answer(
+    caller: Caller, data: ExitIn, offline: OfflineDecisionIn, fresh: state.GateAnswer
+) -> state.GateAnswer:
+    """What the gate answered offline is what happened at the barrier; the record follows it.
+
+    An offline `postpay` let the car out on the city's own snapshot: the driver whose vehicle
+    it is is charged as promised (a decline then opens arrears like any other), even if they
+    were suspended or unbound meanwhile; with nobody behind the plate any more there is no one
+    to charge, and the event keeps the promise for the operator's claim. An offline
+    `pay_on_site` (or `free`) means the driver paid at the gate (or left free): charging them
+    again afterwards would take the money twice, so it stays what the gate said."""
+    if offline.decision is fresh.decision:
+        return fresh
+    where = {"lot": caller.lot_code, "event_id": str(data.event_id)}
+    if offline.decision is Decision.postpay:
+        if fresh.driver_id is None:
+            log.warning(
+                "connector.offline_promise_unbacked",
+                **where,
+                fresh_reason=fresh.reason,
+                eligibility_version=offline.eligibility_version,
+            )
+            return fresh
+        log.info(
+            "connector.offline_promise_honoured",
+            **where,
+            driver_id=fresh.driver_id,
+            fresh_reason=fresh.reason,
+            eligibility_version=offline.eligibility_version,
+        )
+        return state.GateAnswer(Decision.postpay, "offline_snapshot", fresh.driver_id)
+    if fresh.decision is Decision.postpay:
+        log.info(
+            "connector.offline_answer_kept",
+            **where,
+            decision=offline.decision.value,
+            driver_id=fresh.driver_id,
+        )
+        return state.GateAnswer(offline.decision, "offline_snapshot", fresh.driver_id)
+    return fresh  # neither charges after the exit
+
+
 def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, LotEvent | None]:
     assert caller.lot_id
     if (seen := _remembered(rt, caller.lot_id, str(data.event_id))) is not None:
@@ -107,6 +157,15 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
     plate = normalize_plate(data.plate)
     color = parse_plate_color(data.plate_color).value
     _check_time(rt, data.occurred_at)
+    offline = data.offline_decision
+    if offline is not None:
+        now = utcnow()
+        earliest = now - timedelta(seconds=rt.settings.occurred_at_max_past_s)
+        latest = now + timedelta(seconds=rt.settings.occurred_at_max_future_s)
+        if not earliest <= offline.decided_at <= latest:
+            raise OfflineDecisionInvalid(
+                f"decided_at {offline.decided_at.isoformat()} is outside the accepted window"
+            )
     answer = state.decide(
         rt.redis, plate=plate, color=color, postpay_enabled=caller.postpay_enabled
     )
@@ -114,6 +173,8 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
     reason = passes.free_reason(rt, caller.lot_id, plate, color, data.occurred_at)
     if reason is not None:
         answer = state.GateAnswer(Decision.free, reason, answer.driver_id)
+    elif offline is not None:
+        answer = _keep_offline_answer(caller, data, offline, answer)
     open_id = rt.redis.get(f"{state.P}open:{caller.lot_id}:{state.vehicle_key(plate, color)}")
     event = _lot_event(
         caller,
@@ -124,6 +185,7 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
         decision=answer.decision,
         reason=answer.reason,
         driver_id=answer.driver_id,
+        offline_decision=None if offline is None else offline.model_dump(mode="json"),
     )
     out = ExitOut(
         event_id=str(data.event_id),
