@@ -65,7 +65,7 @@ bench-deps: venv
 
 bench: bench-deps ## benchmark on the real topology (QUICK=1: under 3 minutes); reports/ holds the results
 	bash deploy/local/infra.sh up
-	$(BIN)/python -m loadtests.bench $(if $(QUICK),--quick,)
+	$(BIN)/python -m loadtests.bench $(if $(QUICK),--quick,) $(if $(PHASES),--phases $(PHASES),)
 
 LOAD_SECONDS ?= 60
 LOAD_USERS ?= 30

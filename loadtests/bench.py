@@ -47,6 +47,7 @@ from shared.settings import BusKind, CacheKind, Settings
 console = Console()
 app = typer.Typer(add_completion=False)
 BASELINE_PORT = 18500
+PHASES = ("baseline", "gate", "e2e", "day", "dialects")
 REDIS_DB = 12
 
 
@@ -333,6 +334,44 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _infra_pids() -> dict[str, list[int]]:
+    """The infrastructure's processes on this machine, by what they are (Linux /proc)."""
+    found: dict[str, list[int]] = {"postgresql": [], "redis": [], "kafka": []}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith("postgres") or "/postgres " in cmdline or "postgres:" in cmdline:
+            found["postgresql"].append(int(entry.name))
+        elif "redis-server" in cmdline:
+            found["redis"].append(int(entry.name))
+        elif "java" in cmdline and "kafka" in cmdline:
+            found["kafka"].append(int(entry.name))
+    return found
+
+
+def cpu_by_part(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> dict[str, float]:
+    """CPU seconds used so far, per part of the city (the ten adapters as one) and per piece
+    of infrastructure; differences of two readings say where a phase's CPU went."""
+    total: dict[str, float] = {}
+
+    def add(part: str, pid: int) -> None:
+        try:
+            total[part] = total.get(part, 0.0) + process_cpu_s(pid)
+        except OSError:  # a process that ended between the listing and the reading
+            pass
+
+    for name, proc in procs:
+        add("district adapters" if name.startswith("district-") else name, proc.pid)
+    for part, pids in _infra_pids().items():
+        for pid in pids:
+            add(part, pid)
+    return total
+
+
 def chart(report: Report, path: Path) -> None:
     import matplotlib
 
@@ -393,7 +432,7 @@ def print_table(report: Report) -> None:
             f"{g.rps:,.0f}",
             f"{g.p50_ms:.1f}",
             f"{g.p99_ms:.1f}",
-            f"{report.gate_ratio:.2f}",
+            f"{report.gate_ratio:.2f}" if report.gate_ratio is not None else "",
             f"≥ 0.5×, p99 ≤ 10 ms (gateway CPU {report.gateway_cpu_ms_per_request:.1f} ms/req)",
         )
     if report.gate_live:
@@ -427,6 +466,16 @@ def print_table(report: Report) -> None:
             f"wall {d['wall_s']:.0f} s, errors {d['errors']}, "
             f"ledger balanced {d['ledger_balanced']} (target ≤ 300 s, 0 errors)",
         )
+        cpu = d.get("cpu_ms_per_session", {})
+        if cpu:
+            t.add_row(
+                f"  CPU per parking: {sum(cpu.values()):.1f} ms",
+                "",
+                "",
+                "",
+                "",
+                ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()),
+            )
     for dialect, fig in report.dialects.items():
         t.add_row(
             f"district dialect {dialect}: records through gateway / adapter",
@@ -444,8 +493,14 @@ def main(
     quick: Annotated[bool, typer.Option(help="Smaller sizes, under 3 minutes.")] = False,
     out: Annotated[Path, typer.Option(help="Where reports go.")] = ROOT / "reports",
     scale: Annotated[float, typer.Option(help="Multiply every size (e.g. 0.1 to try it).")] = 1.0,
+    phases: Annotated[
+        str, typer.Option(help=f"Comma-separated subset of: {', '.join(PHASES)}.")
+    ] = ",".join(PHASES),
 ) -> None:
     """Run every phase and print the table; writes reports/bench.json and reports/bench.png."""
+    chosen = {x.strip() for x in phases.split(",") if x.strip()}
+    if unknown := chosen - set(PHASES):
+        raise typer.BadParameter(f"unknown phases: {', '.join(sorted(unknown))}")
     out.mkdir(parents=True, exist_ok=True)
     # Quick: a tenth of the city's car parks, short phases — the whole run in about 3 minutes.
     quick_sizes = {
@@ -474,8 +529,9 @@ def main(
             "platform": platform.platform(),
         },
     )
-    console.rule("baseline")
-    report.baseline = measure_baseline(out, sizes["users"], sizes["seconds"])
+    if "baseline" in chosen:
+        console.rule("baseline")
+        report.baseline = measure_baseline(out, sizes["users"], sizes["seconds"])
 
     from tests.conftest import _infra, scratch_database  # the same scratch databases as tests
 
@@ -513,81 +569,99 @@ def main(
                     raise RuntimeError("the gate never learnt the seeded drivers")
                 time.sleep(0.5)
 
-            console.rule("gate decision")
-            gate_env = {"CITYPARK_LOAD_MANIFEST": str(manifest_path)}
-            # First the gateway alone: the consumers downstream are paused (SIGSTOP) so that
-            # they do not take the cores; the exits wait in Kafka and are drained afterwards.
-            downstream = [p for n, p in topo.procs if n.startswith("district-") or n == "sessions"]
-            gateway = next(p for n, p in topo.procs if n == "gateway")
-            for proc in downstream:
-                proc.send_signal(signal.SIGSTOP)
-            try:
-                cpu0 = process_cpu_s(gateway.pid)
-                report.gate = locust(
+            e2e_errors = 0
+            if "gate" in chosen:
+                console.rule("gate decision")
+                gate_env = {"CITYPARK_LOAD_MANIFEST": str(manifest_path)}
+                # First the gateway alone: the consumers downstream are paused (SIGSTOP) so that
+                # they do not take the cores; the exits wait in Kafka and are drained afterwards.
+                downstream = [
+                    p for n, p in topo.procs if n.startswith("district-") or n == "sessions"
+                ]
+                gateway = next(p for n, p in topo.procs if n == "gateway")
+                for proc in downstream:
+                    proc.send_signal(signal.SIGSTOP)
+                try:
+                    cpu0 = process_cpu_s(gateway.pid)
+                    report.gate = locust(
+                        ["GateUser"],
+                        topo.gateway,
+                        sizes["users"],
+                        sizes["seconds"],
+                        out / "gate",
+                        gate_env,
+                    )
+                    report.gateway_cpu_ms_per_request = (
+                        1000 * (process_cpu_s(gateway.pid) - cpu0) / max(1, report.gate.requests)
+                    )
+                finally:
+                    for proc in downstream:
+                        proc.send_signal(signal.SIGCONT)
+                report.gate_ratio = (
+                    report.gate.rps / report.baseline.rps
+                    if report.baseline and report.baseline.rps
+                    else None
+                )
+                report.gate_live = locust(
                     ["GateUser"],
                     topo.gateway,
                     sizes["users"],
                     sizes["seconds"],
-                    out / "gate",
+                    out / "gate-live",
                     gate_env,
                 )
-                report.gateway_cpu_ms_per_request = (
-                    1000 * (process_cpu_s(gateway.pid) - cpu0) / max(1, report.gate.requests)
-                )
-            finally:
-                for proc in downstream:
-                    proc.send_signal(signal.SIGCONT)
-            report.gate_ratio = (
-                report.gate.rps / report.baseline.rps if report.baseline.rps else None
-            )
-            report.gate_live = locust(
-                ["GateUser"],
-                topo.gateway,
-                sizes["users"],
-                sizes["seconds"],
-                out / "gate-live",
-                gate_env,
-            )
-            wait_drained(rt, datetime.now(UTC) - timedelta(hours=1), 0, 600, "gate exits")
+                wait_drained(rt, datetime.now(UTC) - timedelta(hours=1), 0, 600, "gate exits")
 
-            console.rule("end to end")
-            replayer = Replayer(topo.gateway, manifest)
-            since = datetime.now(UTC)
-            t0 = time.monotonic()
-            with Progress(transient=True) as progress:
-                replayer.replay(sizes["e2e"], 250, 4, 0.6, progress)
-            wait_drained(rt, since, sizes["e2e"], 900, "end to end")
-            report.e2e_sessions_per_s = sizes["e2e"] / (time.monotonic() - t0)
-            paced = max(10.0, report.e2e_sessions_per_s / 2)
-            since = datetime.now(UTC)
-            n_paced = int(paced * min(20, sizes["seconds"]))
-            replayer.replay(n_paced, max(1, int(paced / 10)), 4, 1.0, pace_per_s=paced)
-            wait_drained(rt, since, n_paced, 600, "paced run")
-            lat = latencies_ms(rt, since)
-            report.e2e_latency_p50_ms, report.e2e_latency_p99_ms = pct(lat, 0.5), pct(lat, 0.99)
+            if "e2e" in chosen:
+                console.rule("end to end")
+                replayer = Replayer(topo.gateway, manifest)
+                since = datetime.now(UTC)
+                t0 = time.monotonic()
+                with Progress(transient=True) as progress:
+                    replayer.replay(sizes["e2e"], 250, 4, 0.6, progress)
+                wait_drained(rt, since, sizes["e2e"], 900, "end to end")
+                report.e2e_sessions_per_s = sizes["e2e"] / (time.monotonic() - t0)
+                paced = max(10.0, report.e2e_sessions_per_s / 2)
+                since = datetime.now(UTC)
+                n_paced = int(paced * min(20, sizes["seconds"]))
+                replayer.replay(n_paced, max(1, int(paced / 10)), 4, 1.0, pace_per_s=paced)
+                wait_drained(rt, since, n_paced, 600, "paced run")
+                lat = latencies_ms(rt, since)
+                report.e2e_latency_p50_ms, report.e2e_latency_p99_ms = pct(lat, 0.5), pct(lat, 0.99)
+                e2e_errors = replayer.errors
 
-            console.rule("a Suzhou day")
-            since = datetime.now(UTC)
-            t0 = time.monotonic()
-            day_replayer = Replayer(topo.gateway, manifest)
-            with Progress(transient=True) as progress:
-                day_replayer.replay(sizes["day"], 250, 4, 0.6, progress)
-            wait_drained(rt, since, sizes["day"], 3600, "the day")
-            wall = time.monotonic() - t0
-            with rt.sessionmaker() as db:
-                balanced, total, journals, _ = ledger.check(db)
-            report.day = {
-                "lots": len(manifest.lots),
-                "sessions": sizes["day"],
-                "wall_s": wall,
-                "sessions_per_s": sizes["day"] / wall,
-                "errors": day_replayer.errors + replayer.errors,
-                "ledger_balanced": balanced,
-                "ledger_sum_fen": total,
-                "journals": journals,
-            }
-    console.rule("district dialects")
-    report.dialects = measure_dialects(out)
+            if "day" in chosen:
+                console.rule("a Suzhou day")
+                since = datetime.now(UTC)
+                cpu0 = cpu_by_part(topo.procs)
+                t0 = time.monotonic()
+                day_replayer = Replayer(topo.gateway, manifest)
+                with Progress(transient=True) as progress:
+                    day_replayer.replay(sizes["day"], 250, 4, 0.6, progress)
+                wait_drained(rt, since, sizes["day"], 3600, "the day")
+                wall = time.monotonic() - t0
+                cpu1 = cpu_by_part(topo.procs)
+                cpu_ms = {
+                    part: round(1000 * (cpu1[part] - cpu0.get(part, 0.0)) / sizes["day"], 2)
+                    for part in sorted(cpu1, key=lambda k: cpu0.get(k, 0.0) - cpu1[k])
+                }
+                with rt.sessionmaker() as db:
+                    balanced, total, journals, _ = ledger.check(db)
+                report.day = {
+                    "lots": len(manifest.lots),
+                    "sessions": sizes["day"],
+                    "wall_s": wall,
+                    "sessions_per_s": sizes["day"] / wall,
+                    "errors": day_replayer.errors + e2e_errors,
+                    "ledger_balanced": balanced,
+                    "ledger_sum_fen": total,
+                    "journals": journals,
+                    # where one parking's CPU goes, replayer excluded (its share: the rest of wall)
+                    "cpu_ms_per_session": cpu_ms,
+                }
+    if "dialects" in chosen:
+        console.rule("district dialects")
+        report.dialects = measure_dialects(out)
     (out / "bench.json").write_text(json.dumps(asdict(report), indent=2, default=str))
     chart(report, out / "bench.png")
     print_table(report)

@@ -4,13 +4,21 @@ per district and day), in its own consumer group."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
+from datetime import date
 
-import redis
 from sqlalchemy.orm import Session
 
 from services.lots import occupancy
-from shared.bus.consumer import ConsumerLoop, dead_letter_to_db, idempotent
+from services.lots.models import Lot, Occupancy
+from shared.bus.consumer import (
+    BatchHandler,
+    ConsumerLoop,
+    dead_letter_to_db,
+    first_time,
+    first_times,
+)
 from shared.bus.factory import make_subscription
 from shared.bus.port import Message
 from shared.events import EventType, ParkingEvent, SessionClosed
@@ -21,16 +29,46 @@ GROUP = "citypark-lots"
 TOPICS: tuple[str, ...] = (PARKING_EVENTS, SESSIONS_CLOSED)
 
 
-def handler(r: redis.Redis) -> Callable[[Session, Message], None]:
-    def handle(db: Session, message: Message) -> None:
+def handler(rt: Runtime, group: str) -> BatchHandler:
+    """Idempotent on the event id. A whole poll goes in one transaction: counts per lot under
+    their row locks, one Redis write for all the lots it touched (just before commit, locks
+    still held, as a single event's write is), one upsert per district and day."""
+    r = rt.redis
+
+    def apply(
+        db: Session,
+        message: Message,
+        lots: dict[str, tuple[Lot, Occupancy]] | None,
+        parkings: Counter[tuple[date, str]],
+    ) -> None:
         # Dispatch on the event type, not the topic: one handler whatever the topics are named.
         kind = message.event.type
         if kind in (EventType.parking_entry, EventType.parking_exit):
-            occupancy.apply_event(db, r, ParkingEvent.model_validate(message.event.data))
+            occupancy.apply_event(db, r, ParkingEvent.model_validate(message.event.data), lots)
         elif kind == EventType.session_closed:
-            occupancy.count_parking(db, SessionClosed.model_validate(message.event.data))
+            closed = SessionClosed.model_validate(message.event.data)
+            parkings[occupancy.parking_day(closed)] += 1
 
-    return handle
+    def one(message: Message) -> None:
+        parkings: Counter[tuple[date, str]] = Counter()
+        with rt.sessionmaker() as db, db.begin():
+            if first_time(db, group, message.event.id):
+                apply(db, message, None, parkings)
+                occupancy.count_parkings(db, parkings)
+
+    def many(messages: list[Message]) -> None:
+        lots: dict[str, tuple[Lot, Occupancy]] = {}
+        parkings: Counter[tuple[date, str]] = Counter()
+        with rt.sessionmaker() as db, db.begin():
+            fresh = first_times(db, group, [m.event.id for m in messages])
+            for message in messages:
+                if message.event.id in fresh:
+                    fresh.discard(message.event.id)  # a repeat inside the poll counts once
+                    apply(db, message, lots, parkings)
+            occupancy.count_parkings(db, parkings)
+            occupancy.mirror_all(r, lots.values())
+
+    return BatchHandler(one, many)
 
 
 def workers(rt: Runtime, *, group: str = GROUP, topics: Sequence[str] = TOPICS) -> list[Worker]:
@@ -39,7 +77,7 @@ def workers(rt: Runtime, *, group: str = GROUP, topics: Sequence[str] = TOPICS) 
         ConsumerLoop(
             group,
             sub,
-            idempotent(rt.sessionmaker, group, handler(rt.redis)),
+            handler(rt, group),
             stop=stop,
             dead_letter=dead_letter_to_db(rt.sessionmaker, group),
         ).run()

@@ -29,7 +29,10 @@ from services.lots.schemas import (
     OperatorCreate,
     OperatorOut,
     OperatorPage,
+    PriceItemOut,
     PriceOut,
+    PricesIn,
+    PricesOut,
     PublicKeyIn,
     QuoteOut,
     QuoteRequest,
@@ -42,6 +45,7 @@ from shared.errors import (
     NotFound,
     PlateColorInvalid,
     PlateInvalid,
+    Problem,
     TariffInvalid,
     UpstreamUnavailable,
     ValidationFailed,
@@ -425,8 +429,7 @@ def resolve_key(key_id: str, db: DbSession, _: InternalAuth) -> KeyResolution:
     return service.resolve_key(db, key_id)
 
 
-@internal.post("/{lot_id}/price", response_model=PriceOut)
-def price(lot_id: str, data: QuoteRequest, db: DbSession, _: InternalAuth) -> PriceOut:
+def _price(db: DbSession, lot_id: str, data: QuoteRequest) -> PriceOut:
     lot, fee, breakdown = service.price(
         db,
         lot_id,
@@ -444,6 +447,24 @@ def price(lot_id: str, data: QuoteRequest, db: DbSession, _: InternalAuth) -> Pr
         commission_bps=operator.commission_bps if operator else 0,
         breakdown=breakdown,
     )
+
+
+@internal.post("/{lot_id}/price", response_model=PriceOut)
+def price(lot_id: str, data: QuoteRequest, db: DbSession, _: InternalAuth) -> PriceOut:
+    return _price(db, lot_id, data)
+
+
+@internal.post("/prices", response_model=PricesOut)
+def prices(data: PricesIn, db: DbSession, _: InternalAuth) -> PricesOut:
+    """Many stays priced in one call (billing prices a poll of closed sessions at once); an
+    item that cannot be priced carries its problem code and leaves the others alone."""
+    out: list[PriceItemOut] = []
+    for item in data.items:
+        try:
+            out.append(PriceItemOut(price=_price(db, item.lot_id, item)))
+        except Problem as exc:
+            out.append(PriceItemOut(code=exc.code, detail=exc.detail))
+    return PricesOut(items=out)
 
 
 @internal.post("/{lot_id}/heartbeat", status_code=status.HTTP_204_NO_CONTENT)

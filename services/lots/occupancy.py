@@ -13,9 +13,9 @@ last heartbeat are already in it and change nothing. A lot without a heartbeat f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
@@ -62,16 +62,19 @@ def is_online(heartbeat_at: datetime | None, now: datetime) -> bool:
     return LiveState(0, 0, heartbeat_at).online(now)
 
 
-def _mirror(r: redis.Redis, lot: Lot, occ: Occupancy | None) -> None:
-    mapping: dict[Any, str | int | float] = {
+def _fields(lot: Lot, occ: Occupancy | None) -> dict[Any, str | int | float]:
+    return {
         "occupied": occ.occupied if occ else 0,
         "capacity": lot.capacity,
         "heartbeat_at": occ.heartbeat_at.timestamp() if occ and occ.heartbeat_at else "",
     }
+
+
+def _mirror(r: redis.Redis, lot: Lot, occ: Occupancy | None) -> None:
     try:
         pipe = r.pipeline(transaction=True)
         pipe.geoadd(GEO_KEY, (lot.lng, lot.lat, lot.id))
-        pipe.hset(_hash_key(lot.id), mapping=mapping)
+        pipe.hset(_hash_key(lot.id), mapping=_fields(lot, occ))
         pipe.execute()
     except redis.RedisError as exc:
         raise UpstreamUnavailable("The live occupancy store is unavailable; retry") from exc
@@ -110,8 +113,16 @@ def _locked(db: Session, lot_id: str) -> Occupancy:
     return row
 
 
-def apply_event(db: Session, r: redis.Redis, event: ParkingEvent) -> bool:
-    """Count an entry (+1) or exit (-1); False when it changed nothing."""
+def apply_event(
+    db: Session,
+    r: redis.Redis,
+    event: ParkingEvent,
+    deferred: dict[str, tuple[Lot, Occupancy]] | None = None,
+) -> bool:
+    """Count an entry (+1) or exit (-1); False when it changed nothing.
+
+    With `deferred`, the Redis copy is left to the caller (`mirror_all` once per batch, still
+    under the row locks, before commit) instead of one write per event."""
     lot = db.get(Lot, event.lot_id)
     if lot is None:
         log.warning("occupancy.lot_unknown", lot_id=event.lot_id, event_id=event.event_id)
@@ -127,8 +138,26 @@ def apply_event(db: Session, r: redis.Redis, event: ParkingEvent) -> bool:
     occ.occupied = occupied
     occ.updated_at = utcnow()
     db.flush()
-    _mirror(r, lot, occ)
+    if deferred is None:
+        _mirror(r, lot, occ)
+    else:
+        deferred[lot.id] = (lot, occ)
     return True
+
+
+def mirror_all(r: redis.Redis, touched: Iterable[tuple[Lot, Occupancy]]) -> None:
+    """The Redis copy of many lots' counts in one round trip (their rows are still locked)."""
+    touched = list(touched)
+    if not touched:
+        return
+    try:
+        pipe = r.pipeline(transaction=True)
+        for lot, occ in touched:
+            pipe.geoadd(GEO_KEY, (lot.lng, lot.lat, lot.id))
+            pipe.hset(_hash_key(lot.id), mapping=_fields(lot, occ))
+        pipe.execute()
+    except redis.RedisError as exc:
+        raise UpstreamUnavailable("The live occupancy store is unavailable; retry") from exc
 
 
 def apply_heartbeat(db: Session, r: redis.Redis, lot: Lot, free_spaces: int) -> Occupancy:
@@ -141,18 +170,28 @@ def apply_heartbeat(db: Session, r: redis.Redis, lot: Lot, free_spaces: int) -> 
     return occ
 
 
-def count_parking(db: Session, closed: SessionClosed) -> None:
-    """One parking served, on the city calendar day of its exit, in its district."""
-    day = closed.exited_at.astimezone(CITY_ZONE).date()
+def parking_day(closed: SessionClosed) -> tuple[date, str]:
+    """Where a parking is counted: the city calendar day of its exit, and its district."""
+    return closed.exited_at.astimezone(CITY_ZONE).date(), closed.district
+
+
+def count_parkings(db: Session, counts: Mapping[tuple[date, str], int]) -> None:
+    """Add parkings served per (day, district), one upsert per pair."""
     dialect = db.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(DailyParkings).values(day=day, district=closed.district, parkings=1)
-    db.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[DailyParkings.day, DailyParkings.district],
-            set_={"parkings": DailyParkings.parkings + 1},
+    for (day, district), n in sorted(counts.items()):  # one lock order: no deadlock
+        stmt = insert(DailyParkings).values(day=day, district=district, parkings=n)
+        db.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[DailyParkings.day, DailyParkings.district],
+                set_={"parkings": DailyParkings.parkings + n},
+            )
         )
-    )
+
+
+def count_parking(db: Session, closed: SessionClosed) -> None:
+    """One parking served, on the city calendar day of its exit, in its district."""
+    count_parkings(db, {parking_day(closed): 1})
 
 
 def live(r: redis.Redis, lot_ids: Sequence[str]) -> dict[str, LiveState]:

@@ -249,6 +249,22 @@ class PriceOut(BaseModel):
     breakdown: list[dict[str, Any]]
 
 
+class PricesIn(Strict):
+    items: list[QuoteRequest] = Field(max_length=1000)
+
+
+class PriceItemOut(BaseModel):
+    """One stay's price, or why it has none (`code`, as the single call's problem would say)."""
+
+    price: PriceOut | None = None
+    code: str | None = None
+    detail: str | None = None
+
+
+class PricesOut(BaseModel):
+    items: list[PriceItemOut]
+
+
 class AuditEntryOut(BaseModel):
     id: int
     at: datetime

@@ -45,6 +45,23 @@ def first_time(db: Session, consumer: str, event_id: str) -> bool:
     return db.execute(stmt).scalar() is not None
 
 
+def first_times(db: Session, consumer: str, event_ids: list[str]) -> set[str]:
+    """The inbox for a whole poll in one statement: the ids `consumer` had not seen before."""
+    if not event_ids:
+        return set()
+    dialect = db.get_bind().dialect.name
+    if dialect not in ("postgresql", "sqlite"):
+        raise NotImplementedError(f"inbox on {dialect}")
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = (
+        insert(InboxRow)
+        .values([{"consumer": consumer, "event_id": e} for e in dict.fromkeys(event_ids)])
+        .on_conflict_do_nothing()
+        .returning(InboxRow.event_id)
+    )
+    return set(db.scalars(stmt))
+
+
 class BatchHandler:
     """A handler that can also take a whole poll at once (`batch`), for throughput."""
 

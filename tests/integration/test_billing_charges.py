@@ -131,6 +131,45 @@ def test_decline_becomes_arrears_and_suspends_above_the_limit(
         assert [c.id for c in charges.arrears_of(db, driver)] == [charge.id]
 
 
+def _snapshots(factory: sessionmaker[Session], driver: str) -> list[AccountUpdated]:
+    with factory() as db:
+        rows = db.scalars(
+            select(LogRow)
+            .where(LogRow.topic == ACCOUNT_EVENTS, LogRow.key == driver)
+            .order_by(LogRow.id)
+        ).all()
+    return [AccountUpdated.model_validate(CloudEvent.from_json(r.payload).data) for r in rows]
+
+
+def test_the_account_snapshot_goes_out_only_when_postpay_changes(
+    factory: sessionmaker[Session], settings: Settings, sandbox_url: str
+) -> None:
+    driver, agreement = enrolled_driver(factory, sandbox_url, "ok", 2_000)
+    provider = SandboxProvider(sandbox_url)
+    first = open_and_run(factory, settings, provider, closed(driver), 500)
+    assert first.status == ChargeStatus.captured
+    # The first state billing works out is published (the gate had none from it yet) ...
+    assert [s.postpay for s in _snapshots(factory, driver)] == ["active"]
+    for _ in range(3):  # ... captures that leave post-pay as it was add nothing
+        assert open_and_run(factory, settings, provider, closed(driver), 400).status == "captured"
+    assert [s.postpay for s in _snapshots(factory, driver)] == ["active"]
+    # A decline above the limit suspends: published; paying it lifts it: published again.
+    big = settings.arrears_limit_fen + 1
+    owed = open_and_run(factory, settings, provider, closed(driver), big)
+    assert owed.status == ChargeStatus.declined
+    assert [s.postpay for s in _snapshots(factory, driver)] == ["active", "suspended"]
+    httpx.post(f"{sandbox_url}/v1/agreements/{agreement}/deposits", json={"amount_fen": big})
+    with factory() as db, db.begin():
+        charges.pay_arrears(db, driver)
+    with factory() as db, db.begin():
+        charge = db.get(Charge, owed.id)
+        assert charge is not None
+        charges.advance(db, settings, {"sandbox": provider}, charge)
+    snapshots = _snapshots(factory, driver)
+    assert [s.postpay for s in snapshots] == ["active", "suspended", "active"]
+    assert [s.version for s in snapshots] == sorted({s.version for s in snapshots})
+
+
 def test_a_timeout_is_resolved_by_query_and_money_is_taken_once(
     factory: sessionmaker[Session], settings: Settings, sandbox_url: str
 ) -> None:

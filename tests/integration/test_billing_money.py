@@ -883,8 +883,9 @@ def _to_gate(
     group: str,
     r: redis.Redis,
     driver_id: str,
-) -> None:
-    """Relay this driver's account snapshots to Kafka and let the gate's state consume them."""
+) -> int:
+    """Relay this driver's account snapshots to Kafka and let the gate's state consume them;
+    returns how many there were."""
     with factory() as db, db.begin():
         rows = list(
             db.scalars(
@@ -900,6 +901,8 @@ def _to_gate(
         bus.publish_many([(topic, row.key, CloudEvent.from_json(row.payload)) for row in rows])
         for row in rows:
             row.relayed_at = datetime.now(UTC)
+    if not rows:
+        return 0
     stop = threading.Event()
     wanted = max(
         AccountUpdated.model_validate(CloudEvent.from_json(row.payload).data).version
@@ -917,6 +920,7 @@ def _to_gate(
     loop = ConsumerLoop("gate-test", sub, handle, stop=stop)
     threading.Timer(20, stop.set).start()
     loop.run()
+    return len(rows)
 
 
 def test_suspension_reaches_the_gate_and_clearing_lifts_it(
@@ -976,8 +980,9 @@ def test_suspension_reaches_the_gate_and_clearing_lifts_it(
         # a small debt past the grace period suspends too, found by the periodic sweep
         httpx.post(f"{sandbox}/v1/agreements/{agr}/cancel")
         old = new_charge(factory, driver, 300)
-        step(factory, cfg, rt, old)  # declined, small and fresh: still post-pay
-        _to_gate(factory, bus, cfg.kafka_bootstrap, topic, sub, gate_redis, driver)
+        step(factory, cfg, rt, old)  # declined, small and fresh: still post-pay, ...
+        # ... so the gate is told nothing new
+        assert _to_gate(factory, bus, cfg.kafka_bootstrap, topic, sub, gate_redis, driver) == 0
         assert (
             decide(gate_redis, plate=plate, color="blue", postpay_enabled=True).decision
             == Decision.postpay

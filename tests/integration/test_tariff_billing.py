@@ -16,15 +16,18 @@ import redis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.billing.charge import service as charges
 from services.billing.charge.models import Charge
+from services.billing.consumers import closed_sessions_handler
 from services.lots.main import part as lots
 from services.lots.schemas import EXAMPLE_TARIFF
 from shared.auth import Role, issue_admin_token
-from shared.events import Decision, SessionClosed
+from shared.bus.port import Message
+from shared.errors import NotFound
+from shared.events import Decision, EventType, SessionClosed, new_event
 from shared.http import make_app
 from shared.internal import InternalClient
 from shared.plates import PlateColor
@@ -32,6 +35,7 @@ from shared.runtime import Runtime, attach
 from shared.settings import Settings
 from shared.tariff import parse_tariff, quote
 from shared.timeutil import utcnow
+from shared.topics import SESSIONS_CLOSED
 
 pytestmark = pytest.mark.integration
 
@@ -303,3 +307,88 @@ def test_bad_quotes_are_problems(
     answer = client.post("/v1/quotes", json=body)
     assert answer.json()["code"] == code, answer.text
     assert answer.status_code in (404, 422)
+
+
+class CountingLots:
+    """The lots internal API as billing holds it, counting the calls billing makes."""
+
+    def __init__(self, inner: InternalClient) -> None:
+        self.inner = inner
+        self.paths: list[str] = []
+
+    def call(self, method: str, path: str, json: Any = None) -> Any:
+        self.paths.append(path)
+        return self.inner.call(method, path, json)
+
+
+def closing(lot: dict[str, Any], minutes: int, decision: Decision = Decision.postpay) -> Message:
+    exited = utcnow().replace(microsecond=0) - timedelta(minutes=1)
+    data = SessionClosed(
+        session_id=str(uuid.uuid4()),
+        lot_id=lot["id"],
+        lot_code=lot["code"],
+        district=lot["district"],
+        operator_id=lot["operator_id"],
+        plate="苏E12345",
+        plate_color="blue",
+        vehicle_type="small",
+        entered_at=exited - timedelta(minutes=minutes),
+        exited_at=exited,
+        decision=decision,
+        driver_id=str(uuid.uuid4()),
+    )
+    event = new_event(EventType.session_closed, source="sessions", data=data)
+    return Message(topic=SESSIONS_CLOSED, key=lot["id"], event=event, position="0")
+
+
+def charges_of(factory: sessionmaker[Session], messages: list[Message]) -> dict[str, int]:
+    ids = [m.event.data["session_id"] for m in messages]
+    with factory() as db:
+        rows = db.scalars(select(Charge).where(Charge.session_id.in_(ids))).all()
+    return {c.session_id: c.amount_fen for c in rows}
+
+
+def test_a_poll_is_priced_in_one_call_and_billed_as_each_alone(
+    client: TestClient,
+    lots_api: InternalClient,
+    factory: sessionmaker[Session],
+    lot: dict[str, Any],
+    lots_settings: Settings,
+) -> None:
+    rt = Runtime(lots_settings, source="billing")
+    counted = CountingLots(lots_api)
+    rt.internal_clients["lots"] = counted  # type: ignore[assignment]
+    handler = closed_sessions_handler(rt)
+    stays = [closing(lot, m) for m in (10, 16, 61, 210, 24 * 60 + 5)]
+    on_site = closing(lot, 90, Decision.pay_on_site)
+    poll = [*stays, on_site, stays[1]]  # a redelivery inside the same poll
+
+    handler.batch(poll)
+    assert counted.paths == ["/internal/lots/prices"]  # one call for the whole poll
+    billed = charges_of(factory, [*stays, on_site])
+    expected = {}
+    for m in stays:
+        s = m.event.data
+        expected[s["session_id"]] = quoted(
+            client,
+            lot,
+            datetime.fromisoformat(s["entered_at"]),
+            datetime.fromisoformat(s["exited_at"]),
+        )["fee_fen"]
+    assert billed == expected  # each as the quote for the stay says; none for the on-site one
+
+    # The same poll delivered again changes nothing.
+    handler.batch(poll)
+    assert charges_of(factory, [*stays, on_site]) == expected
+
+    # A stay lots cannot price spoils the poll's transaction, not its neighbours: the loop
+    # then takes one message at a time, and only the bad one fails.
+    gone = {**lot, "id": str(uuid.uuid4())}
+    good, bad = closing(lot, 45), closing(gone, 45)
+    with pytest.raises(NotFound):
+        handler.batch([good, bad])
+    assert charges_of(factory, [good, bad]) == {}
+    handler(good)
+    with pytest.raises(NotFound):
+        handler(bad)
+    assert list(charges_of(factory, [good, bad])) == [good.event.data["session_id"]]

@@ -33,6 +33,7 @@ from services.billing.provider.port import (
     ProviderTimeout,
     ProviderUnavailable,
 )
+from shared import wakeups
 from shared.bus.outbox import enqueue
 from shared.errors import NotFound
 from shared.events import ChargeEvent, Decision, EventType, SessionClosed, new_event
@@ -43,18 +44,16 @@ from shared.topics import BILLING_EVENTS
 
 log = structlog.get_logger(__name__)
 SOURCE = "billing"
+DUE = "billing:charges"  # wakes the charge workers when a charge becomes due
 MAX_BACKOFF = timedelta(minutes=10)
 
 
-def open_charge(db: Session, lots: InternalClient, closed: SessionClosed) -> Charge | None:
-    """Create the one charge of a closed post-pay session (idempotent on the session id)."""
-    if closed.decision != Decision.postpay or not closed.driver_id:
-        merchants.lapse(db, closed.session_id)
-        return None
-    existing = db.scalar(select(Charge).where(Charge.session_id == closed.session_id))
-    if existing is not None:
-        return existing
-    price_request: dict[str, Any] = {
+def billable(closed: SessionClosed) -> bool:
+    return closed.decision == Decision.postpay and bool(closed.driver_id)
+
+
+def _price_request(closed: SessionClosed) -> dict[str, Any]:
+    return {
         "lot_id": closed.lot_id,
         "entered_at": closed.entered_at.isoformat(),
         "exited_at": closed.exited_at.isoformat(),
@@ -62,9 +61,42 @@ def open_charge(db: Session, lots: InternalClient, closed: SessionClosed) -> Cha
         "plate_color": closed.plate_color,
         "plate": closed.plate,
     }
-    price: dict[str, Any] = lots.call(
-        "POST", f"/internal/lots/{closed.lot_id}/price", json=price_request
+
+
+def prices_for(lots: InternalClient, closed: list[SessionClosed]) -> dict[str, dict[str, Any]]:
+    """Price many closed sessions in one call to lots, by session id. A stay lots could not
+    price is left out: `open_charge` then asks for it alone and meets the problem itself."""
+    wanted = [c for c in closed if billable(c)]
+    if not wanted:
+        return {}
+    answer: dict[str, Any] = lots.call(
+        "POST", "/internal/lots/prices", json={"items": [_price_request(c) for c in wanted]}
     )
+    return {
+        c.session_id: item["price"]
+        for c, item in zip(wanted, answer["items"], strict=True)
+        if item.get("price") is not None
+    }
+
+
+def open_charge(
+    db: Session,
+    lots: InternalClient,
+    closed: SessionClosed,
+    price: dict[str, Any] | None = None,
+) -> Charge | None:
+    """Create the one charge of a closed post-pay session (idempotent on the session id).
+    `price` is lots' answer for the stay when it was asked already (a batch)."""
+    if not billable(closed):
+        merchants.lapse(db, closed.session_id)
+        return None
+    existing = db.scalar(select(Charge).where(Charge.session_id == closed.session_id))
+    if existing is not None:
+        return existing
+    price_request = _price_request(closed)
+    if price is None:
+        price = lots.call("POST", f"/internal/lots/{closed.lot_id}/price", json=price_request)
+        assert price is not None
     amount = int(price["fee_fen"])
     charge = Charge(
         session_id=closed.session_id,
@@ -85,6 +117,7 @@ def open_charge(db: Session, lots: InternalClient, closed: SessionClosed) -> Cha
     )
     db.add(charge)
     db.flush()
+    wakeups.after_commit(db, DUE)
     # Merchants' validations of the stay lower the fee (minutes first, then amounts).
     merchants.apply_validations(db, lots, charge, price_request)
     log.info(
@@ -170,8 +203,8 @@ def _apply(db: Session, settings: Settings, charge: Charge, result: ChargeResult
             )
         _publish(db, charge, EventType.charge_declined)
         log.info("charge.declined", charge_id=charge.id, reason=charge.failure_code)
-    # Arrears (and so post-pay) may have changed: the gate must learn it.
-    drivers.publish_account_state(db, settings, drivers.get_driver(db, charge.driver_id))
+    # Arrears (and so post-pay) may have changed: if so, the gate must learn it.
+    drivers.refresh_account_state(db, settings, drivers.get_driver(db, charge.driver_id))
 
 
 def apply_notice(db: Session, settings: Settings, charge: Charge, result: ChargeResult) -> bool:
@@ -199,7 +232,7 @@ def advance(
         charge.status = ChargeStatus.declined
         charge.failure_code = "no_account"
         _publish(db, charge, EventType.charge_declined)
-        drivers.publish_account_state(db, settings, drivers.get_driver(db, charge.driver_id))
+        drivers.refresh_account_state(db, settings, drivers.get_driver(db, charge.driver_id))
         return
     if charge.status == ChargeStatus.pending and account is not None:
         charge.provider = account.provider
@@ -298,6 +331,7 @@ def pay_arrears(db: Session, driver_id: str) -> list[Charge]:
         charge.next_attempt_at = utcnow()
         charge.attempts += 1  # a new attempt: its events get new ids
     db.flush()
+    wakeups.after_commit(db, DUE)
     return owed
 
 

@@ -194,6 +194,15 @@ def publish_account_state(db: Session, settings: Settings, driver: Driver) -> No
     )
 
 
+def refresh_account_state(db: Session, settings: Settings, driver: Driver) -> bool:
+    """Publish the driver's state only if post-pay changed since the last snapshot: a capture
+    that leaves arrears as they were tells the gate nothing new. True when published."""
+    if postpay_status(db, settings, driver.id).value == driver.postpay_published:
+        return False
+    publish_account_state(db, settings, driver)
+    return True
+
+
 def add_vehicle(
     db: Session, settings: Settings, driver_id: str, plate_raw: str, color_raw: str
 ) -> Vehicle:

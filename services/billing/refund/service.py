@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.billing.charge.models import Charge, ChargeStatus
+from services.billing.charge.service import DUE as charges_due
 from services.billing.ledger import service as ledger
 from services.billing.notification import hooks as refund_hooks
 from services.billing.provider.port import (
@@ -27,6 +28,7 @@ from services.billing.provider.port import (
     RefundResult,
 )
 from services.billing.refund.models import Dispute, DisputeStatus, Refund, RefundStatus
+from shared import wakeups
 from shared.errors import NotFound, problem
 from shared.timeutil import utcnow
 
@@ -111,6 +113,7 @@ def decide(
         )
     refund = Refund(charge_id=charge.id, dispute_id=dispute.id, amount_fen=amount)
     db.add(refund)
+    wakeups.after_commit(db, charges_due)  # the money worker sends refunds after charges
     db.flush()
     dispute.status, dispute.amount_fen, dispute.refund_id = (
         DisputeStatus.refund_pending,

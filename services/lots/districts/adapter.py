@@ -17,7 +17,6 @@ from typing import Final
 
 import structlog
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from services.lots.districts import figures, provision
@@ -28,9 +27,10 @@ from shared.bus.consumer import (
     Subscription,
     dead_letter_to_db,
     first_time,
+    first_times,
 )
 from shared.bus.factory import make_subscription
-from shared.bus.models import InboxRow, LogOffset, LogRow
+from shared.bus.models import LogOffset, LogRow
 from shared.bus.outbox import enqueue, run_relay
 from shared.bus.port import Handler, Message
 from shared.events import EventType, LotEvent, ParkingEvent, new_event
@@ -84,20 +84,6 @@ class LotDirectory:
         return district
 
 
-def _first_times(db: Session, consumer: str, event_ids: list[str]) -> set[str]:
-    """The inbox for a whole poll in one statement: the ids not seen before."""
-    if not event_ids:
-        return set()
-    insert = postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = (
-        insert(InboxRow)
-        .values([{"consumer": consumer, "event_id": e} for e in dict.fromkeys(event_ids)])
-        .on_conflict_do_nothing()
-        .returning(InboxRow.event_id)
-    )
-    return set(db.scalars(stmt))
-
-
 def make_handler(rt: Runtime, district: str) -> Handler:
     """The handler of one district's topic, idempotent on the event id; a whole poll is taken
     in one transaction (one inbox statement, one outbox insert, one Redis round trip for the
@@ -137,22 +123,25 @@ def make_handler(rt: Runtime, district: str) -> Handler:
         )
         published.append((message.event.id, parking.kind.value))
 
+    # The figures are counted just before commit, not after: they dedupe on the event id, so
+    # a crash before the commit only recounts nothing on redelivery, while a crash after it
+    # would leave published events uncounted for good (the inbox then skips them).
     def one(message: Message) -> None:
         published: list[tuple[str, str]] = []
         with rt.sessionmaker() as db, db.begin():
             if first_time(db, group, message.event.id):
                 apply(db, message, published)
-        counts.published(published)
+            counts.published(published)
 
     def many(messages: list[Message]) -> None:
         published: list[tuple[str, str]] = []
         with rt.sessionmaker() as db, db.begin():
-            fresh = _first_times(db, group, [m.event.id for m in messages])
+            fresh = first_times(db, group, [m.event.id for m in messages])
             for message in messages:
                 if message.event.id in fresh:
                     fresh.discard(message.event.id)  # a repeat inside the poll counts once
                     apply(db, message, published)
-        counts.published(published)
+            counts.published(published)
 
     return BatchHandler(one, many)
 
