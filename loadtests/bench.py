@@ -248,20 +248,27 @@ class Replayer:
 
 
 def counts(rt: Runtime, since: datetime) -> tuple[int, int, int]:
+    """Sessions closed since `since`, and post-pay ones among them still without a settled
+    charge (not opened yet, or pending at the provider), and charges pending city-wide."""
     with rt.sessionmaker() as db:
-        closed = db.scalar(
+        closed_since = (
+            ParkingSession.status == SessionStatus.closed,
+            ParkingSession.created_at >= since,
+        )
+        closed = db.scalar(select(func.count()).select_from(ParkingSession).where(*closed_since))
+        postpay = db.scalar(
             select(func.count())
             .select_from(ParkingSession)
-            .where(
-                ParkingSession.status == SessionStatus.closed, ParkingSession.created_at >= since
-            )
+            .where(*closed_since, ParkingSession.decision == "postpay")
         )
-        charged = db.scalar(
+        settled = db.scalar(
             select(func.count())
             .select_from(Charge)
             .where(
                 Charge.created_at >= since,
-                Charge.status.in_([ChargeStatus.captured, ChargeStatus.free]),
+                Charge.status.in_(
+                    [ChargeStatus.captured, ChargeStatus.free, ChargeStatus.declined]
+                ),
             )
         )
         pending = db.scalar(
@@ -269,18 +276,18 @@ def counts(rt: Runtime, since: datetime) -> tuple[int, int, int]:
             .select_from(Charge)
             .where(Charge.status.in_([ChargeStatus.pending, ChargeStatus.unknown]))
         )
-    return int(closed or 0), int(charged or 0), int(pending or 0)
+    return int(closed or 0), int(postpay or 0) - int(settled or 0), int(pending or 0)
 
 
 def wait_drained(rt: Runtime, since: datetime, sessions: int, timeout_s: float, what: str) -> float:
-    """Seconds until every session is closed and no charge is pending."""
+    """Seconds until every session is closed and every post-pay one has its settled charge."""
     t0 = time.monotonic()
     with Progress(transient=True) as progress:
         task = progress.add_task(f"draining {what}", total=sessions)
         while time.monotonic() - t0 < timeout_s:
-            closed, _, pending = counts(rt, since)
+            closed, unsettled, pending = counts(rt, since)
             progress.update(task, completed=closed)
-            if closed >= sessions and pending == 0:
+            if closed >= sessions and unsettled <= 0 and pending == 0:
                 return time.monotonic() - t0
             time.sleep(0.5)
     raise RuntimeError(f"{what}: not drained in {timeout_s}s ({counts(rt, since)})")

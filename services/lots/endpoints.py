@@ -429,7 +429,20 @@ def resolve_key(key_id: str, db: DbSession, _: InternalAuth) -> KeyResolution:
     return service.resolve_key(db, key_id)
 
 
-def _price(db: DbSession, lot_id: str, data: QuoteRequest) -> PriceOut:
+def _price(
+    db: DbSession,
+    lot_id: str,
+    data: QuoteRequest,
+    tariffs: service.TariffBook | None = None,
+    book: passes.PassBook | None = None,
+) -> PriceOut:
+    if book is None:
+        windows = _pass_windows(db, lot_id, data)
+    else:
+        service.get_lot(db, lot_id)
+        windows = book.windows_for_stay(
+            lot_id, data.plate, data.plate_color, data.entered_at, data.exited_at
+        )
     lot, fee, breakdown = service.price(
         db,
         lot_id,
@@ -437,7 +450,8 @@ def _price(db: DbSession, lot_id: str, data: QuoteRequest) -> PriceOut:
         data.exited_at,
         data.vehicle_type,
         data.plate_color,
-        free_windows=_pass_windows(db, lot_id, data),
+        free_windows=windows,
+        tariffs=tariffs,
     )
     operator = db.get(Operator, lot.operator_id)
     return PriceOut(
@@ -456,12 +470,21 @@ def price(lot_id: str, data: QuoteRequest, db: DbSession, _: InternalAuth) -> Pr
 
 @internal.post("/prices", response_model=PricesOut)
 def prices(data: PricesIn, db: DbSession, _: InternalAuth) -> PricesOut:
-    """Many stays priced in one call (billing prices a poll of closed sessions at once); an
-    item that cannot be priced carries its problem code and leaves the others alone."""
+    """Many stays priced in one call (billing prices a poll of closed sessions at once), with
+    the lots' tariff versions and the vehicles' passes read once for all; an item that cannot
+    be priced carries its problem code and leaves the others alone."""
+    tariffs = service.TariffBook(db, {item.lot_id for item in data.items})
     out: list[PriceItemOut] = []
+    try:
+        book = passes.PassBook(
+            db,
+            [(i.lot_id, i.plate, i.plate_color, i.entered_at, i.exited_at) for i in data.items],
+        )
+    except Problem:
+        book = None  # a malformed plate among them: each item then reads its own passes
     for item in data.items:
         try:
-            out.append(PriceItemOut(price=_price(db, item.lot_id, item)))
+            out.append(PriceItemOut(price=_price(db, item.lot_id, item, tariffs, book)))
         except Problem as exc:
             out.append(PriceItemOut(code=exc.code, detail=exc.detail))
     return PricesOut(items=out)

@@ -324,6 +324,48 @@ def pass_windows_for_stay(
     return free_windows(vehicle_passes(db, lot_id, plate, color, start, end), start, end)
 
 
+class PassBook:
+    """The passes of many stays' vehicles, read in one query, for pricing many stays at once;
+    each stay gets exactly the windows `pass_windows_for_stay` would give it."""
+
+    def __init__(
+        self, db: Session, stays: Sequence[tuple[str, str | None, str, datetime, datetime]]
+    ):
+        """`stays`: (lot id, plate or None, colour, entered at, exited at)."""
+        self._passes: dict[tuple[str, str, str], list[Pass]] = {}
+        wanted = [
+            (lot_id, normalize_plate(plate), parse_plate_color(color).value, start, end)
+            for lot_id, plate, color, start, end in stays
+            if plate is not None
+        ]
+        if not wanted:
+            return
+        rows = db.scalars(
+            select(Pass).where(
+                tuple_(Pass.lot_id, Pass.plate, Pass.plate_color).in_(
+                    {(lot_id, plate, color) for lot_id, plate, color, _, _ in wanted}
+                ),
+                Pass.valid_from <= max(end for *_, end in wanted).astimezone(UTC),
+                Pass.valid_to > min(start for *_, start, _ in wanted).astimezone(UTC),
+                Pass.deleted_at.is_(None),
+            )
+        )
+        for p in rows:
+            self._passes.setdefault((p.lot_id, p.plate, p.plate_color), []).append(p)
+
+    def windows_for_stay(
+        self, lot_id: str, plate: str | None, color: str, entered_at: datetime, exited_at: datetime
+    ) -> list[tuple[datetime, datetime]]:
+        if plate is None:
+            return []
+        key = (lot_id, normalize_plate(plate), parse_plate_color(color).value)
+        start, end = entered_at.astimezone(UTC), exited_at.astimezone(UTC)
+        meeting = [
+            p for p in self._passes.get(key, []) if p.valid_from <= end and p.valid_to > start
+        ]
+        return free_windows(meeting, start, end)
+
+
 def passes_of_vehicles(db: Session, vehicles: Sequence[VehicleIn]) -> list[DriverPassOut]:
     """A driver's passes at every car park (not withdrawn; expired ones for 90 days)."""
     keys: list[tuple[str, str]] = []

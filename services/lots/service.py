@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -478,6 +479,33 @@ def tariff_at(db: Session, lot_id: str, at: datetime) -> Tariff:
     return parse_tariff(row.document)
 
 
+class TariffBook:
+    """The tariff versions of some lots, read in one query, for pricing many stays at once;
+    it picks the version in force exactly as `tariff_at` does."""
+
+    def __init__(self, db: Session, lot_ids: Iterable[str]) -> None:
+        self._by_lot: dict[str, list[TariffVersion]] = {}
+        rows = db.scalars(
+            select(TariffVersion)
+            .where(TariffVersion.lot_id.in_(set(lot_ids)))
+            .order_by(TariffVersion.lot_id, TariffVersion.effective_from)
+        )
+        for row in rows:
+            self._by_lot.setdefault(row.lot_id, []).append(row)
+        self._parsed: dict[str, Tariff] = {}
+
+    def at(self, lot_id: str, at: datetime) -> Tariff:
+        rows = self._by_lot.get(lot_id)
+        if not rows:
+            raise LotUnknown(f"Car park {lot_id} has no tariff")
+        starts = [r.effective_from for r in rows]
+        # The last version in force at `at`; before the first, the first one.
+        row = rows[max(bisect.bisect_right(starts, at) - 1, 0)]
+        if row.id not in self._parsed:
+            self._parsed[row.id] = parse_tariff(row.document)
+        return self._parsed[row.id]
+
+
 def current_tariff_doc(db: Session, lot_id: str) -> dict[str, Any] | None:
     row = db.scalar(
         select(TariffVersion)
@@ -496,12 +524,13 @@ def price(
     vehicle_type: str,
     plate_color: str,
     free_windows: Sequence[tuple[datetime, datetime]] = (),
+    tariffs: TariffBook | None = None,
 ) -> tuple[Lot, int, list[dict[str, Any]]]:
     lot = get_lot(db, lot_id)
     if exited_at - entered_at > MAX_STAY:
         raise StayTooLong(f"{entered_at.isoformat()} → {exited_at.isoformat()}")
     result = quote(
-        tariff_at(db, lot_id, entered_at),
+        tariffs.at(lot_id, entered_at) if tariffs else tariff_at(db, lot_id, entered_at),
         entered_at,
         exited_at,
         vehicle_type,

@@ -100,8 +100,13 @@ def idempotent(
 
     def many(messages: list[Message]) -> None:
         with factory() as db, db.begin():
+            fresh = first_times(db, consumer, [m.event.id for m in messages])  # one statement
             for message in messages:
-                apply(db, message)
+                if message.event.id not in fresh:
+                    log.debug("consumer.duplicate", consumer=consumer, event_id=message.event.id)
+                    continue
+                fresh.discard(message.event.id)  # a repeat inside the poll counts once
+                handle(db, message)
 
     return BatchHandler(one, many) if batch else one
 

@@ -22,7 +22,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.billing.charge import service as charges
 from services.billing.charge.models import Charge
 from services.billing.consumers import closed_sessions_handler
+from services.lots import passes as lot_passes
 from services.lots.main import part as lots
+from services.lots.models import TariffVersion
+from services.lots.passes import PassKind, PassPut, PassWindow
 from services.lots.schemas import EXAMPLE_TARIFF
 from shared.auth import Role, issue_admin_token
 from shared.bus.port import Message
@@ -392,3 +395,72 @@ def test_a_poll_is_priced_in_one_call_and_billed_as_each_alone(
     with pytest.raises(NotFound):
         handler(bad)
     assert list(charges_of(factory, [good, bad])) == [good.event.data["session_id"]]
+
+
+def test_prices_in_one_call_equal_each_priced_alone(
+    client: TestClient,
+    admin: dict[str, str],
+    lots_api: InternalClient,
+    factory: sessionmaker[Session],
+) -> None:
+    """The batch reads tariff versions and passes once for all its stays; every stay still
+    gets exactly the single call's price: versions by entry time, passes by vehicle."""
+    lots = [new_lot(client, admin, EXAMPLE_TARIFF) for _ in range(2)]
+    now = utcnow().replace(microsecond=0)
+    flat = {
+        **EXAMPLE_TARIFF,
+        "free_minutes": 0,
+        "rates": {
+            "small": {
+                "periods": [{"start": "00:00", "end": "00:00", "unit_minutes": 30, "unit_fen": 300}]
+            }
+        },
+    }
+    night = PassWindow(start="19:00", end="07:00")
+    with factory() as db, db.begin():
+        # A second version in force since three days ago (the API only takes future ones).
+        db.add(
+            TariffVersion(
+                lot_id=lots[0]["id"], effective_from=now - timedelta(days=3), document=flat
+            )
+        )
+        for lot in lots:
+            lot_passes.put_pass(
+                db,
+                lot["id"],
+                f"night-{uuid.uuid4().hex[:6]}",
+                PassPut(
+                    plate="苏E12345",
+                    plate_color="blue",
+                    kind=PassKind.monthly,
+                    valid_from=now - timedelta(days=10),
+                    valid_to=now + timedelta(days=10),
+                    window=night,
+                ),
+            )
+    stays = []
+    for n in range(40):
+        lot = lots[n % 2]
+        entered = now - timedelta(days=6) + timedelta(minutes=397 * n)
+        stays.append(
+            {
+                "lot_id": lot["id"],
+                "entered_at": entered.isoformat(),
+                "exited_at": (entered + timedelta(minutes=35 + 53 * n)).isoformat(),
+                "vehicle_type": "small",
+                "plate_color": "blue",
+                "plate": ["苏E12345", "苏e 12345", "苏E54321", None][n % 4],
+            }
+        )
+    stays.append({**stays[0], "lot_id": str(uuid.uuid4())})  # a car park nobody knows
+
+    batch = lots_api.call("POST", "/internal/lots/prices", json={"items": stays})["items"]
+    alone = []
+    for stay in stays[:-1]:
+        alone.append(lots_api.call("POST", f"/internal/lots/{stay['lot_id']}/price", json=stay))
+    assert [item["price"] for item in batch[:-1]] == alone
+    assert batch[-1] == {"price": None, "code": "lot_unknown", "detail": batch[-1]["detail"]}
+    # Both versions and the pass took part, or the comparison proves little.
+    fees = {a["fee_fen"] for a in alone}
+    assert len(fees) > 10
+    assert any(line["amount_fen"] == 0 for a in alone for line in a["breakdown"])

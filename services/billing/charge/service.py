@@ -25,6 +25,7 @@ from services.billing.driver import service as drivers
 from services.billing.driver.models import Driver, PaymentAccount
 from services.billing.ledger import service as ledger
 from services.billing.merchant import service as merchants
+from services.billing.notification import hooks
 from services.billing.provider.port import (
     ChargeResult,
     Outcome,
@@ -120,6 +121,7 @@ def open_charge(
     wakeups.after_commit(db, DUE)
     # Merchants' validations of the stay lower the fee (minutes first, then amounts).
     merchants.apply_validations(db, lots, charge, price_request)
+    hooks.session_charged(db, closed, charge)  # the exit notification, with the fee
     log.info(
         "charge.opened",
         charge_id=charge.id,

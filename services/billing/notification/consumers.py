@@ -14,14 +14,14 @@ from sqlalchemy.orm import Session
 from services.billing.charge.models import Charge
 from services.billing.driver import service as drivers
 from services.billing.driver.models import Vehicle
+from services.billing.notification import hooks, texts
 from services.billing.notification import service as notifications
-from services.billing.notification import texts
 from services.billing.notification.models import Channel, NotificationKind, PostpayWatch
 from services.billing.notification.port import NotificationChannel, SmsSandbox, WebhookChannel
 from services.billing.notification.urlguard import UrlGuard
-from shared.bus.consumer import ConsumerLoop, dead_letter_to_db, idempotent
+from shared.bus.consumer import BatchHandler, ConsumerLoop, dead_letter_to_db, idempotent
 from shared.bus.factory import make_subscription
-from shared.bus.port import Handler, Message
+from shared.bus.port import Message
 from shared.events import (
     AccountUpdated,
     ChargeEvent,
@@ -49,13 +49,8 @@ RELEVANT = {
     EventType.account_updated,
     EventType.refund_succeeded,
 }
-# How long an exit waits for its charge (made by billing's other consumer) before it is told
-# without the fee; the capture notification still carries the amount.
+# An exit read this long after it was published without a charge is told without the fee.
 EXIT_WAIT = timedelta(seconds=60)
-
-
-class ChargeNotYet(Exception):
-    """Not a poison message: the consumer loop retries it with backoff."""
 
 
 def _entry(db: Session, settings: Settings, e: ParkingEvent) -> None:
@@ -82,25 +77,16 @@ def _entry(db: Session, settings: Settings, e: ParkingEvent) -> None:
 
 
 def _exit(db: Session, closed: SessionClosed, published_at: datetime) -> None:
+    """Normally billing tells the exit when it opens the charge (`hooks.session_charged`); here
+    only an exit whose charge never came (its pricing failed) is told, late and without the fee.
+    Nothing waits: a consumer holding a message for a charge would hold every driver's news."""
     if closed.decision != Decision.postpay or not closed.driver_id:
         return
-    charge = db.scalar(select(Charge).where(Charge.session_id == closed.session_id))
-    fee: int | None = charge.amount_fen if charge is not None else None
-    if charge is None and utcnow() - published_at < EXIT_WAIT:
-        raise ChargeNotYet(f"no charge yet for session {closed.session_id}")
-    plate = mask_plate_for_message(closed.plate)
-    title, body = texts.exit_(plate, closed.lot_code, closed.entered_at, closed.exited_at, fee)
-    notifications.notify(
-        db,
-        driver_id=closed.driver_id,
-        kind=NotificationKind.exit,
-        key=f"exit:{closed.session_id}",
-        title=title,
-        body=body,
-        plate=plate,
-        amount_fen=fee,
-        ref_id=closed.session_id,
-    )
+    if utcnow() - published_at < EXIT_WAIT:
+        return
+    if db.scalar(select(Charge.id).where(Charge.session_id == closed.session_id)) is not None:
+        return  # told with the fee when the charge opened
+    hooks.tell_exit(db, closed, None)
 
 
 def _charge(db: Session, event_id: str, type_: str, data: ChargeEvent) -> None:
@@ -192,14 +178,21 @@ def handler(settings: Settings) -> Callable[[Session, Message], None]:
 
 
 def consumer(rt: Runtime, topics: Sequence[str] = TOPICS, group: str = GROUP) -> Worker:
-    inner = idempotent(rt.sessionmaker, group, handler(rt.settings))
+    # Every effect is a row in billing's database (the delivery worker sends them later), so a
+    # poll is taken in one transaction.
+    inner = idempotent(rt.sessionmaker, group, handler(rt.settings), batch=True)
+    assert isinstance(inner, BatchHandler)
 
-    def relevant_only(message: Message) -> None:
-        # Most parking events are of no driver's concern: they skip the inbox altogether.
+    # Most parking events are of no driver's concern: they skip the inbox altogether.
+    def relevant_one(message: Message) -> None:
         if message.event.type in RELEVANT:
             inner(message)
 
-    handle: Handler = relevant_only
+    def relevant_many(messages: list[Message]) -> None:
+        if wanted := [m for m in messages if m.event.type in RELEVANT]:
+            inner.batch(wanted)
+
+    handle = BatchHandler(relevant_one, relevant_many)
 
     def run(stop: threading.Event) -> None:
         sub = make_subscription(rt.settings, rt.sessionmaker, group, list(topics))
