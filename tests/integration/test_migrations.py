@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from pydantic import SecretStr
 from sqlalchemy import MetaData, create_engine
 
 from services import city
@@ -57,7 +58,7 @@ def test_postgresql_schema_matches_the_models(settings: Settings, module: str) -
 
 def test_sqlite_schema_matches_the_models_and_migrate_is_idempotent(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'city.db'}"
-    s = Settings(database_url=url)
+    s = Settings(database_url=url, jwt_secret=SecretStr("migrations-test-secret-of-32-bytes"))
     city.migrate(s)
     city.migrate(s)  # a second run finds every service at head
     for module in MODELS:

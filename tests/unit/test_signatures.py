@@ -539,7 +539,7 @@ def test_client_report_exit_and_heartbeat(lot_key: Keys) -> None:
     assert json.loads(heartbeat_request.content) == {
         "free_spaces": 12,
         "total_spaces": 80,
-        "sdk_version": "0.1.0",
+        "sdk_version": "0.2.0",
     }
 
 
