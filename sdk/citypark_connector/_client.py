@@ -46,6 +46,7 @@ EXITS = "/v1/connector/exits"
 BATCHES = "/v1/connector/batches"
 ELIGIBILITY = "/v1/connector/eligibility"
 MAX_BATCH = 500  # the city's limit per batch (SPEC §4)
+CLAIM_WAIT_S = 2.0  # how long a repeated event id waits for the call still holding it
 _SNAPSHOT_META = "eligibility"
 # 4xx answers that say nothing about the event itself: a key being rotated (401/403), a
 # request timing out (408), a concurrent delivery (409/425), or the lot's rate limit (429).
@@ -203,6 +204,7 @@ class ConnectorClient:
         self._backoff = _Backoff(backoff_base_s, backoff_cap_s, rng or random.Random())
         self._inflight: set[str] = set()
         self._inflight_lock = threading.Lock()
+        self._released = threading.Condition(self._inflight_lock)
         # Exits this process decided offline whose first send may still be answered late.
         self._decided_offline: dict[str, str] = {}
         self._bare: set[str] = set()  # exits whose offline_decision the city refused
@@ -573,7 +575,7 @@ class ConnectorClient:
         A new event is claimed for this caller before it becomes visible in the outbox, so the
         background worker does not send it at the same time; the caller releases it."""
         event_id = str(body["event_id"])
-        if not self._claim([event_id]):
+        if not self._claim_waiting(event_id):
             raise RuntimeError(f"event {event_id} is being reported by another call right now")
         try:
             _, created = self.outbox.add(event_id, kind, body)
@@ -595,7 +597,7 @@ class ConnectorClient:
         if event.offline_decision is not None:
             return event, _offline_answer(event.offline_decision, event_id)
         # Stored by an earlier run that died before deciding: decide now.
-        if not self._claim([event_id]):
+        if not self._claim_waiting(event_id):
             raise RuntimeError(f"event {event_id} is being reported by another call right now")
         return event, None
 
@@ -613,9 +615,20 @@ class ConnectorClient:
             self._inflight.update(free)
             return free
 
+    def _claim_waiting(self, event_id: str, timeout_s: float = CLAIM_WAIT_S) -> bool:
+        """Claim one event, waiting a moment for another holder to let go: the background
+        worker records an answer just before it releases the event, so a caller repeating
+        that event id right then would otherwise be refused for nothing."""
+        with self._released:
+            if not self._released.wait_for(lambda: event_id not in self._inflight, timeout_s):
+                return False
+            self._inflight.add(event_id)
+            return True
+
     def _release(self, event_ids: list[str]) -> None:
-        with self._inflight_lock:
+        with self._released:
             self._inflight.difference_update(event_ids)
+            self._released.notify_all()
 
     def _send_with_deadline(
         self, event: OutboxEvent, path: str, deadline: float

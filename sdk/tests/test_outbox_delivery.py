@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -174,6 +175,29 @@ def test_exit_answers_with_the_citys_decision(make_client: Any, city: FakeCity) 
     decision = client.exit(plate=PLATE, plate_color="blue", lane="X1")
 
     assert (decision.decision, decision.reason, decision.offline) == ("postpay", "enrolled", False)
+
+
+def test_a_repeat_waits_for_the_worker_letting_go_of_the_event(
+    make_client: Any, city: FakeCity
+) -> None:
+    """The background worker records the answer, then lets go of the event: a repeat of the
+    event id in between answers from the outbox instead of being refused."""
+    city.enroll(PLATE, "blue")
+    client = make_client()
+    first = client.exit(plate=PLATE, plate_color="blue", lane="X1")
+    # As the worker holds it in its last step (no public way to pause the worker there).
+    [held] = client._claim([first.event_id])  # noqa: SLF001
+    threading.Timer(0.3, client._release, [[held]]).start()  # noqa: SLF001
+
+    again = client.exit(plate=PLATE, plate_color="blue", lane="X1", event_id=first.event_id)
+
+    assert (again.event_id, again.decision, again.offline) == (first.event_id, "postpay", False)
+    # Held for good (a call that hangs), a repeat still gives up after a while.
+    client._claim([first.event_id])  # noqa: SLF001
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="being reported by another call"):
+        client.exit(plate=PLATE, plate_color="blue", lane="X1", event_id=first.event_id)
+    assert time.monotonic() - started >= 1.5
 
 
 def test_exit_decides_offline_within_the_deadline(make_client: Any, city: FakeCity) -> None:
