@@ -47,6 +47,18 @@ def sign_in(http: httpx.Client, admin: dict[str, str], phone: str) -> dict[str, 
     return {"Authorization": f"Bearer {body['access_token']}"}
 
 
+def gate_knows(http: httpx.Client, key_id: str, private_pem: str, plate: str) -> None:
+    """Wait until the lot's eligibility snapshot holds the plate: the gate learnt the driver
+    from billing's account events through Kafka."""
+    wanted = hashlib.sha256(f"{plate}:blue".encode()).hexdigest()
+
+    def snapshot() -> list[str]:
+        request = http.build_request("GET", "/v1/connector/eligibility")
+        return list(http.send(sign_request(request, key_id, private_pem)).json()["vehicles"])
+
+    eventually(lambda: wanted in snapshot(), what=f"the gate knowing {plate}")
+
+
 def test_postpay_parking_flows_through_the_city(city: City) -> None:
     http = httpx.Client(base_url=city.gateway, timeout=20)
     admin = {"Authorization": f"Bearer {city.admin_token()}"}
@@ -101,20 +113,7 @@ def test_postpay_parking_flows_through_the_city(city: City) -> None:
     assert profile["phone"] == "139****5678"
 
     connector = ConnectorClient(key_id, private_pem, base_url=city.gateway)
-    plate_hash = hashlib.sha256(b"\xe8\x8b\x8fE12345:blue").hexdigest()
-    eventually(
-        lambda: (
-            plate_hash
-            in http.send(
-                sign_request(
-                    http.build_request("GET", "/v1/connector/eligibility"), key_id, private_pem
-                )
-            )
-            .json()
-            .get("vehicles", [])
-        ),
-        what="the gate knowing the driver",
-    )
+    gate_knows(http, key_id, private_pem, "苏E12345")
 
     # The car parks for 2 h 10 min, then leaves first and pays afterwards.
     # Yesterday 08:00–10:10 in Suzhou (day period), reported now: a replay-style late report.
@@ -273,28 +272,7 @@ def test_bad_input_answers_problems_never_500(city: City) -> None:
 def test_signed_bad_events_are_rejected_with_codes(city: City) -> None:
     http = httpx.Client(base_url=city.gateway, timeout=20)
     admin = {"Authorization": f"Bearer {city.admin_token()}"}
-    operator = http.post(
-        "/v1/admin/operators",
-        headers=admin,
-        json={"name": "op", "commission_bps": 0, "settlement_account": "1"},
-    ).json()
-    private_pem, public_pem = generate_keypair()
-    key_id = f"bad-{uuid.uuid4().hex[:8]}"
-    created = http.post(
-        "/v1/admin/lots",
-        headers=admin,
-        json={
-            "code": f"BAD-{uuid.uuid4().hex[:6]}",
-            "name": "n",
-            "district": "sip",
-            "operator_id": operator["id"],
-            "capacity": 10,
-            "location": {"lat": 31.3, "lng": 120.7},
-            "public_keys": [{"key_id": key_id, "public_key_pem": public_pem}],
-            "tariff": EXAMPLE_TARIFF,
-        },
-    )
-    assert created.status_code == 201
+    _, key_id, private_pem = onboard_lot(http, admin, "sip", capacity=10)
 
     def send(path: str, payload: dict[str, Any]) -> httpx.Response:
         return http.send(
@@ -367,3 +345,102 @@ def test_signed_bad_events_are_rejected_with_codes(city: City) -> None:
     assert batch.status_code == 200, batch.text
     assert [r["status"] for r in batch.json()["results"]] == ["accepted", "rejected", "rejected"]
     assert batch.json()["results"][1]["code"] == "plate_invalid"
+
+
+def onboard_lot(
+    http: httpx.Client, admin: dict[str, str], district: str, capacity: int = 50
+) -> tuple[str, str, str]:
+    """An operator and a car park with a connector key; returns (lot id, key id, private PEM)."""
+    operator = http.post(
+        "/v1/admin/operators",
+        headers=admin,
+        json={"name": "op", "commission_bps": 0, "settlement_account": "1"},
+    ).json()
+    private_pem, public_pem = generate_keypair()
+    key_id = f"k-{uuid.uuid4().hex[:8]}"
+    created = http.post(
+        "/v1/admin/lots",
+        headers=admin,
+        json={
+            "code": f"L-{uuid.uuid4().hex[:6]}",
+            "name": "n",
+            "district": district,
+            "operator_id": operator["id"],
+            "capacity": capacity,
+            "location": {"lat": 31.3, "lng": 120.6},
+            "public_keys": [{"key_id": key_id, "public_key_pem": public_pem}],
+            "tariff": EXAMPLE_TARIFF,
+        },
+    )
+    assert created.status_code == 201, created.text
+    return created.json()["id"], key_id, private_pem
+
+
+def test_a_merchant_validation_lowers_the_bill_through_the_whole_city(city: City) -> None:
+    """A shop at the car park takes an hour off a customer's stay while the car is inside; the
+    exit goes connector → gateway → adapter → sessions → billing, and the charge is the quote
+    of the shortened stay; the merchant owes the difference."""
+    http = httpx.Client(base_url=city.gateway, timeout=20)
+    admin = {"Authorization": f"Bearer {city.admin_token()}"}
+    lot_id, key_id, private_pem = onboard_lot(http, admin, "xiangcheng")
+    plate = "苏E66666"
+    me = sign_in(http, admin, "13955550001")
+    agreement = httpx.post(
+        f"{city.sandbox}/v1/agreements",
+        json={"holder": "李四", "balance_fen": 100_000, "behaviour": "ok"},
+    ).json()["agreement_no"]
+    bound = http.put(
+        "/v1/me/account", headers=me, json={"provider": "sandbox", "agreement_no": agreement}
+    )
+    assert bound.status_code == 200, bound.text
+    added = http.post("/v1/me/vehicles", headers=me, json={"plate": plate, "plate_color": "blue"})
+    assert added.status_code == 201, added.text
+    shop = http.post(
+        "/v1/admin/merchants", headers=admin, json={"lot_id": lot_id, "name": "观前街书店"}
+    )
+    assert shop.status_code == 201, shop.text
+    as_shop = {"Authorization": f"Bearer {shop.json()['api_key']}"}
+
+    connector = ConnectorClient(key_id, private_pem, base_url=city.gateway)
+    exited = datetime.now(SHANGHAI).replace(microsecond=0) - timedelta(seconds=5)
+    entered = exited - timedelta(minutes=150)
+    connector.report_entry(
+        plate=plate, plate_color="blue", vehicle_type="small", lane="E", occurred_at=entered
+    )
+    validation = {"plate": plate, "plate_color": "blue", "kind": "minutes", "value": 60}
+    # Accepted once sessions has opened the stay (409 `no_open_session` until then).
+    given = eventually(
+        lambda: (
+            answer
+            if (
+                answer := http.post("/v1/merchants/validations", headers=as_shop, json=validation)
+            ).status_code
+            == 201
+            else None
+        ),
+        what="the validation accepted",
+    ).json()
+    assert (given["status"], given["applied_fen"]) == ("pending", None)
+    gate_knows(http, key_id, private_pem, plate)
+    decision = connector.report_exit(plate=plate, plate_color="blue", lane="X", occurred_at=exited)
+    assert decision.decision == "postpay"
+
+    def quoted(until: datetime) -> int:
+        body = {"lot_id": lot_id, "entered_at": entered.isoformat(), "exited_at": until.isoformat()}
+        return int(http.post("/v1/quotes", json=body).json()["fee_fen"])
+
+    full, shortened = quoted(exited), quoted(exited - timedelta(minutes=60))
+    assert full > shortened
+    [charge] = eventually(
+        lambda: [
+            c for c in http.get("/v1/me/charges", headers=me).json() if c["status"] == "captured"
+        ],
+        what="the captured charge",
+    )
+    assert charge["session_id"] == decision.session_id
+    assert charge["amount_fen"] == shortened
+    [applied] = http.get("/v1/merchants/validations", headers=as_shop).json()
+    assert (applied["status"], applied["applied_fen"]) == ("applied", full - shortened)
+    assert applied["charge_id"] == charge["id"]
+    ledger = http.get("/v1/admin/ledger/check", headers=admin).json()
+    assert ledger["balanced"] is True
