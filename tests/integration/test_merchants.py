@@ -569,6 +569,39 @@ def test_the_ledger_balances_and_statements_equal_it(
     assert other.status_code == 401
 
 
+def test_a_key_is_rotated_by_ops_or_by_the_merchant_and_the_old_one_dies_at_once(
+    client: TestClient, admin: dict[str, str], lot: dict[str, Any]
+) -> None:
+    merchant = new_merchant(client, admin, lot)
+    old = key(merchant)
+    assert client.get("/v1/merchants/me", headers=old).status_code == 200
+
+    # The merchant rotates its own key (e.g. a till replaced).
+    mine = client.post("/v1/merchants/me/key", headers=old)
+    assert mine.status_code == 200, mine.text
+    assert (mine.json()["id"], mine.json()["api_key"].startswith(mine.json()["key_prefix"])) == (
+        merchant["id"],
+        True,
+    )
+    second = {"Authorization": f"Bearer {mine.json()['api_key']}"}
+    assert client.get("/v1/merchants/me", headers=old).json()["code"] == "api_key_invalid"
+    assert client.get("/v1/merchants/me", headers=second).json()["id"] == merchant["id"]
+
+    # Ops rotate it after a leak: the leaked key is shut out, the new one works.
+    by_ops = client.post(f"/v1/admin/merchants/{merchant['id']}/key", headers=admin)
+    assert by_ops.status_code == 200, by_ops.text
+    third = {"Authorization": f"Bearer {by_ops.json()['api_key']}"}
+    assert client.post("/v1/merchants/me/key", headers=second).status_code == 401
+    assert client.get("/v1/merchants/me", headers=third).status_code == 200
+    assert len({old["Authorization"], second["Authorization"], third["Authorization"]}) == 3
+    # Only admins rotate others' keys; an unknown merchant is a 404 problem.
+    assert (
+        client.post(f"/v1/admin/merchants/{merchant['id']}/key", headers=third).status_code == 401
+    )
+    missing = client.post(f"/v1/admin/merchants/{uuid.uuid4()}/key", headers=admin)
+    assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+
+
 def test_the_gateway_forwards_merchant_paths_to_billing(rt: Runtime) -> None:
     table = dict(proxy.routes(rt.settings))
     assert table["/v1/merchants"] == rt.settings.billing_url

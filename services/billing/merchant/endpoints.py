@@ -83,9 +83,7 @@ def create_merchant(
     """Register a merchant at a car park. The answer carries its API key: the only time it is
     shown (it is stored hashed). Limits: validations per parking and per Asia/Shanghai day."""
     created, api_key = merchants.create_merchant(db, _internal(request, "lots"), data)
-    return MerchantCreated(
-        **MerchantOut.model_validate(created, from_attributes=True).model_dump(), api_key=api_key
-    )
+    return _created(created, api_key)
 
 
 @admin.get("", response_model=list[MerchantOut])
@@ -114,6 +112,35 @@ def merchant_statement(
     and what it took off the fee, which the merchant owes; the last row is the total."""
     found = merchants.get_merchant(db, merchant_id)
     return _statement_response(request, merchants.statement(db, found, month))
+
+
+@admin.post(
+    "/{merchant_id}/key",
+    response_model=MerchantCreated,
+    responses=problem_responses(NotFound),
+)
+def rotate_merchant_key(merchant_id: str, _: AdminAuth, db: DbSession) -> MerchantCreated:
+    """Issue the merchant a new API key (e.g. when the old one leaked); the old key stops
+    working at once. The answer is the only time the new key is shown."""
+    found = merchants.get_merchant(db, merchant_id)
+    return _created(found, merchants.rotate_key(db, found))
+
+
+@merchant.post(
+    "/me/key",
+    response_model=MerchantCreated,
+    responses=problem_responses(merchants.ApiKeyInvalid),
+)
+def rotate_own_key(me: MerchantAuth, db: DbSession) -> MerchantCreated:
+    """Replace this merchant's API key by a new one; the key used for this call stops working
+    at once. The answer is the only time the new key is shown."""
+    return _created(me, merchants.rotate_key(db, me))
+
+
+def _created(merchant: Merchant, api_key: str) -> MerchantCreated:
+    return MerchantCreated(
+        **MerchantOut.model_validate(merchant, from_attributes=True).model_dump(), api_key=api_key
+    )
 
 
 @merchant.get("/me", response_model=MerchantOut)

@@ -101,7 +101,7 @@ def create_merchant(
         )
     except NotFound as exc:
         raise LotUnknown(f"No car park {lot_id}") from exc
-    api_key = KEY_PREFIX + secrets.token_urlsafe(32)
+    api_key = _new_key()
     merchant = Merchant(
         lot_id=lot_id,
         name=data.name,
@@ -114,6 +114,20 @@ def create_merchant(
     db.flush()
     log.info("merchant.created", merchant_id=merchant.id, lot_id=lot_id)
     return merchant, api_key
+
+
+def _new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def rotate_key(db: Session, merchant: Merchant) -> str:
+    """A new API key for the merchant, shown this once; the old one stops working at once (a
+    leaked key is rotated to shut it out, so there is no overlap)."""
+    api_key = _new_key()
+    merchant.key_hash, merchant.key_prefix = hash_key(api_key), api_key[:12]
+    db.flush()
+    log.info("merchant.key_rotated", merchant_id=merchant.id, key_prefix=merchant.key_prefix)
+    return api_key
 
 
 def merchants_at(db: Session, lot_id: str | None, limit: int = 100) -> list[Merchant]:
