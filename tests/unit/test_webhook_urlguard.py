@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from services.billing.notification import urlguard
 from services.billing.notification.models import Notification
 from services.billing.notification.port import DeliveryFailed, WebhookChannel
 from services.billing.notification.urlguard import (
@@ -265,6 +269,28 @@ def test_settings_default_to_strict_and_parse_networks_from_the_environment(
 def test_the_system_resolver_answers_addresses_for_a_literal() -> None:
     # A literal needs no DNS; this proves the getaddrinfo plumbing returns bare addresses.
     assert set(system_resolver("127.0.0.1", 443)) == {"127.0.0.1"}
+
+
+def test_a_resolver_that_hangs_is_given_up_and_the_url_is_unresolvable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release = threading.Event()
+
+    def hanging(*args: Any, **kwargs: Any) -> Any:
+        release.wait(5)
+        raise OSError("never answered")
+
+    monkeypatch.setattr(urlguard.socket, "getaddrinfo", hanging)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OSError, match="took longer"):
+            system_resolver("slow.example.com", 443, timeout_s=0.2)
+        assert time.monotonic() - started < 2
+        slow = UrlGuard(resolver=lambda host, port: system_resolver(host, port, timeout_s=0.2))
+        with pytest.raises(WebhookUrlUnresolvable):
+            slow.check("https://slow.example.com/hook")
+    finally:
+        release.set()
 
 
 # --- the channel: checked again before each send -------------------------------------------

@@ -24,6 +24,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import httpx
@@ -58,8 +60,18 @@ INTERNAL_SUFFIXES = (
 )
 
 
-def system_resolver(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+RESOLVE_TIMEOUT_S = 3.0
+# getaddrinfo has no timeout of its own and a slow DNS server would hold the request (or the
+# delivery worker) for as long as it likes; lookups run here and are given up after a while.
+_lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
+
+
+def system_resolver(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S) -> list[str]:
+    lookup = _lookups.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = lookup.result(timeout=timeout_s)
+    except FutureTimeout as exc:
+        raise OSError(f"resolving {host!r} took longer than {timeout_s} s") from exc
     return [str(info[4][0]) for info in infos]
 
 
