@@ -228,10 +228,12 @@ class Simulator:
         duplicate_share: float = 0.03,
         seed: int | None = None,
         exit_deadline: float = 0.8,
+        day_curve: bool = True,
     ) -> None:
         if not lots:
             raise ValueError("no car parks to simulate")
         self.rate = rate
+        self.day_curve = day_curve
         self.enrolled_share = enrolled_share
         self.invalid_share = invalid_share
         self.duplicate_share = duplicate_share
@@ -330,6 +332,10 @@ class Simulator:
             st.exit_latency_ms.append(latency)
 
     def current_rate(self, at: datetime) -> float:
+        """Parkings per second now: `rate` shaped by the hour of day, or flat without
+        `day_curve` (a test must not depend on when it runs)."""
+        if not self.day_curve:
+            return self.rate
         mean = sum(ARRIVAL_CURVE) / len(ARRIVAL_CURVE)
         return self.rate * curve_at(at) / mean
 

@@ -58,11 +58,6 @@ def _answer_key(lot_id: str, event_id: str) -> str:
     return f"citypark:gw:answer:{lot_id}:{event_id}"
 
 
-def _remembered(rt: Runtime, lot_id: str, event_id: str) -> dict[str, Any] | None:
-    raw = rt.redis.get(_answer_key(lot_id, event_id))
-    return json.loads(raw) if raw else None
-
-
 def _lot_event(
     caller: Caller, kind: Kind, data: EntryIn | ExitIn, plate: str, color: str, **extra: Any
 ) -> LotEvent:
@@ -94,14 +89,24 @@ def _cloud(e: LotEvent) -> tuple[str, str, Any]:
     )
 
 
+def _read(rt: Runtime, *keys: str) -> list[str | None]:
+    """Several independent keys in one round trip (the gate's answer time is mostly these)."""
+    pipe = rt.redis.pipeline(transaction=False)
+    for key in keys:
+        pipe.get(key)
+    return [None if v is None else str(v) for v in pipe.execute()]
+
+
 def prepare_entry(rt: Runtime, caller: Caller, data: EntryIn) -> tuple[EntryOut, LotEvent | None]:
     assert caller.lot_id
-    if (seen := _remembered(rt, caller.lot_id, str(data.event_id))) is not None:
-        return EntryOut(event_id=seen["event_id"], status="duplicate"), None
     plate = normalize_plate(data.plate)
     color = parse_plate_color(data.plate_color).value
+    seen, driver_id = _read(
+        rt, _answer_key(caller.lot_id, str(data.event_id)), state.vehicle_key_of(plate, color)
+    )
+    if seen is not None:
+        return EntryOut(event_id=json.loads(seen)["event_id"], status="duplicate"), None
     _check_time(rt, data.occurred_at)
-    driver_id = state.driver_of(rt.redis, plate, color)
     event = _lot_event(
         caller, Kind.entry, data, plate, color, vehicle_type=data.vehicle_type, driver_id=driver_id
     )
@@ -152,10 +157,16 @@ def _keep_offline_answer(
 
 def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, LotEvent | None]:
     assert caller.lot_id
-    if (seen := _remembered(rt, caller.lot_id, str(data.event_id))) is not None:
-        return ExitOut.model_validate({**seen, "status": "duplicate"}), None
     plate = normalize_plate(data.plate)
     color = parse_plate_color(data.plate_color).value
+    seen, driver_id, open_id = _read(
+        rt,
+        _answer_key(caller.lot_id, str(data.event_id)),
+        state.vehicle_key_of(plate, color),
+        state.open_key(caller.lot_id, plate, color),
+    )
+    if seen is not None:
+        return ExitOut.model_validate({**json.loads(seen), "status": "duplicate"}), None
     _check_time(rt, data.occurred_at)
     offline = data.offline_decision
     if offline is not None:
@@ -166,16 +177,13 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
             raise OfflineDecisionInvalid(
                 f"decided_at {offline.decided_at.isoformat()} is outside the accepted window"
             )
-    answer = state.decide(
-        rt.redis, plate=plate, color=color, postpay_enabled=caller.postpay_enabled
-    )
+    answer = state.decide_for(rt.redis, driver_id, postpay_enabled=caller.postpay_enabled)
     # A pass covering the whole stay lets the car out free, post-pay or not (SPEC §10).
     reason = passes.free_reason(rt, caller.lot_id, plate, color, data.occurred_at)
     if reason is not None:
         answer = state.GateAnswer(Decision.free, reason, answer.driver_id)
     elif offline is not None:
         answer = _keep_offline_answer(caller, data, offline, answer)
-    open_id = rt.redis.get(f"{state.P}open:{caller.lot_id}:{state.vehicle_key(plate, color)}")
     event = _lot_event(
         caller,
         Kind.exit,
@@ -191,7 +199,7 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
         event_id=str(data.event_id),
         decision=answer.decision,
         reason=answer.reason,
-        session_id=str(open_id) if open_id else None,
+        session_id=open_id or None,
     )
     return out, event
 
@@ -247,7 +255,7 @@ def publish(rt: Runtime, accepted: list[tuple[EntryOut | ExitOut, LotEvent]]) ->
     pipe = rt.redis.pipeline(transaction=False)
     for answer, e in accepted:
         pipe.set(_answer_key(e.lot_id, e.event_id), answer.model_dump_json(), ex=ANSWER_TTL_S)
-        open_key = f"{state.P}open:{e.lot_id}:{state.vehicle_key(e.plate, e.plate_color)}"
+        open_key = state.open_key(e.lot_id, e.plate, e.plate_color)
         entered_key = state.entered_key(e.lot_id, e.plate, e.plate_color)
         if e.kind is Kind.entry:
             pipe.set(open_key, session_id_for(e.lot_id, e.event_id), ex=90 * 24 * 3600)

@@ -68,12 +68,16 @@ class GateAnswer:
 
 
 def driver_of(r: redis.Redis, plate: str, color: str) -> str | None:
-    value = r.get(f"{P}vehicle:{vehicle_key(plate, color)}")
+    value = r.get(vehicle_key_of(plate, color))
     return str(value) if value is not None else None
 
 
 def decide(r: redis.Redis, *, plate: str, color: str, postpay_enabled: bool) -> GateAnswer:
-    driver_id = driver_of(r, plate, color)
+    return decide_for(r, driver_of(r, plate, color), postpay_enabled=postpay_enabled)
+
+
+def decide_for(r: redis.Redis, driver_id: str | None, *, postpay_enabled: bool) -> GateAnswer:
+    """The decision for a vehicle whose driver (or none) is already known."""
     if not postpay_enabled:
         return GateAnswer(Decision.pay_on_site, "lot_not_postpay", driver_id)
     if driver_id is None:
@@ -86,12 +90,22 @@ def decide(r: redis.Redis, *, plate: str, color: str, postpay_enabled: bool) -> 
     return GateAnswer(Decision.pay_on_site, "no_account", driver_id)
 
 
+def vehicle_key_of(plate: str, color: str) -> str:
+    """The Redis key holding the vehicle's driver id."""
+    return f"{P}vehicle:{vehicle_key(plate, color)}"
+
+
+def open_key(lot_id: str, plate: str, color: str) -> str:
+    """The Redis key holding the id of the session the gateway saw begin at the lot."""
+    return f"{P}open:{lot_id}:{vehicle_key(plate, color)}"
+
+
 def remember_open(r: redis.Redis, lot_id: str, plate: str, color: str, session_id: str) -> None:
-    r.set(f"{P}open:{lot_id}:{vehicle_key(plate, color)}", session_id, ex=90 * 24 * 3600)
+    r.set(open_key(lot_id, plate, color), session_id, ex=90 * 24 * 3600)
 
 
 def take_open(r: redis.Redis, lot_id: str, plate: str, color: str) -> str | None:
-    value = r.getdel(f"{P}open:{lot_id}:{vehicle_key(plate, color)}")
+    value = r.getdel(open_key(lot_id, plate, color))
     return str(value) if value is not None else None
 
 
