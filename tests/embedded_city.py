@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from citypark_connector import generate_keypair
 from fastapi.testclient import TestClient
@@ -15,6 +16,18 @@ from services import city
 from services.billing.provider.sandbox import SandboxProvider
 from shared.internal import InternalClient
 from shared.settings import BusKind, CacheKind, Settings
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T | None], timeout_s: float = 30) -> T:
+    """The first truthy answer of `check`, polled while the city's workers catch up."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if result := check():
+            return result
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
 
 
 @contextmanager

@@ -4,19 +4,18 @@ Redis, in one app. The whole flow, plus what only a single app can show cheaply.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from citypark_connector import ConnectorClient, generate_keypair
+from citypark_connector import ConnectorClient
 from fastapi.testclient import TestClient
 
 from services.gateway.gate import state as gate_state
 from services.lots.schemas import EXAMPLE_TARIFF
-from tests.embedded_city import embedded_city
+from tests.embedded_city import embedded_city, onboard_lot, wait_for
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
@@ -38,38 +37,11 @@ def admin_headers(client: TestClient) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def wait_for(check, timeout_s: float = 20):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if result := check():
-            return result
-        time.sleep(0.1)
-    raise AssertionError("condition not reached")
-
-
 def test_whole_flow_on_the_embedded_default(client: TestClient, tmp_path: Path) -> None:
     admin = admin_headers(client)
-    op = client.post(
-        "/v1/admin/operators",
-        headers=admin,
-        json={"name": "o", "commission_bps": 500, "settlement_account": "x"},
-    ).json()
-    private_pem, public_pem = generate_keypair()
-    lot = client.post(
-        "/v1/admin/lots",
-        headers=admin,
-        json={
-            "code": "EMB-1",
-            "name": "n",
-            "district": "wuzhong",
-            "operator_id": op["id"],
-            "capacity": 50,
-            "location": {"lat": 31.26, "lng": 120.63},
-            "public_keys": [{"key_id": "emb-1", "public_key_pem": public_pem}],
-            "tariff": EXAMPLE_TARIFF,
-        },
+    _, private_pem = onboard_lot(
+        client, admin, code="EMB-1", district="wuzhong", tariff=EXAMPLE_TARIFF, commission_bps=500
     )
-    assert lot.status_code == 201, lot.text
 
     client.post("/v1/auth/otp", json={"phone": "13800000001"})
     sms = client.get("/v1/admin/sandbox/sms", params={"phone": "13800000001"}, headers=admin).json()

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
@@ -38,7 +37,7 @@ from shared.events import (
 )
 from shared.runtime import Runtime
 from shared.topics import PARKING_EVENTS, lot_events
-from tests.embedded_city import embedded_city, onboard_lot
+from tests.embedded_city import embedded_city, onboard_lot, wait_for
 
 DISTRICT = "wuzhong"
 UNIT_FEN = 25_000  # one hour costs more than the arrears limit (20 000): one decline suspends
@@ -79,15 +78,6 @@ def city(tmp_path_factory: pytest.TempPathFactory) -> Iterator[City]:
         )
         yield City(client, rt, admin, lot["id"], gate, private_pem)
         gate.close()
-
-
-def wait_for(check: Callable[[], T | None], timeout_s: float = 30) -> T:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if result := check():
-            return result
-        time.sleep(0.1)
-    raise AssertionError("condition not reached")
 
 
 _serial = itertools.count(70_000)
