@@ -5,9 +5,14 @@
 #                                  healthy, create the role/database and the Kafka topics
 #   deploy/local/infra.sh down     stop what we started (fine when nothing runs)
 #   deploy/local/infra.sh status   one line per server; exit 1 if any is not answering
+#   deploy/local/infra.sh restart postgres|redis|kafka [SECONDS]
+#                                  stop one server of ours, leave it down SECONDS (default 0),
+#                                  start it again (fault drills)
 #
 # Idempotent: a healthy server of ours (pid file matches) or any server on the port that answers
-# properly is reused; stale pid files are removed. Data, logs and pid files: <repo>/.local/.
+# properly is reused; stale pid files are removed. Data, logs and pid files: <repo>/.local/, or
+# CITYPARK_INFRA_DIR (relative to the repo) for a second, independent set of servers; the
+# Kafka jars are shared between sets (CITYPARK_KAFKA_LIBS, default <repo>/.local/kafka/libs).
 # Env: CITYPARK_PG_PORT (5432) CITYPARK_REDIS_PORT (6379) CITYPARK_KAFKA_PORT (9092)
 #      CITYPARK_KAFKA_CONTROLLER_PORT (kafka port + 1) CITYPARK_KAFKA_PARTITIONS (3)
 #      CITYPARK_INFRA_TIMEOUT (60 s per server) CITYPARK_PYTHON (<repo>/.venv/bin/python)
@@ -15,7 +20,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-LOCAL="$ROOT/.local"
+LOCAL=${CITYPARK_INFRA_DIR:-.local}
+[[ $LOCAL == /* ]] || LOCAL="$ROOT/$LOCAL"
 HOST=127.0.0.1
 PG_PORT=${CITYPARK_PG_PORT:-5432}
 REDIS_PORT=${CITYPARK_REDIS_PORT:-6379}
@@ -28,7 +34,7 @@ REDIS_DIR="$LOCAL/redis"
 REDIS_PIDFILE="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
 K_DIR="$LOCAL/kafka"
-K_LIBS="$K_DIR/libs"
+K_LIBS=${CITYPARK_KAFKA_LIBS:-$ROOT/.local/kafka/libs}
 K_DATA="$K_DIR/data"
 K_LOGS="$K_DIR/logs"
 K_CONF="$K_DIR/server.properties"
@@ -107,7 +113,9 @@ pg_prepare_dirs() {
   # otherwise keep the cluster under /var/tmp and leave .local/pg as a symlink to it.
   if { is_root && ! runuser -u postgres -- test -w "$PG_BASE"; } || ((${#PG_SOCK} > 90)); then
     local alt
-    alt="/var/tmp/citypark-pg-$(printf %s "$ROOT" | md5sum | cut -c1-12)"
+    local key=$ROOT # the default set keeps its historical place; another set gets its own
+    [[ $LOCAL == "$ROOT/.local" ]] || key=$LOCAL
+    alt="/var/tmp/citypark-pg-$(printf %s "$key" | md5sum | cut -c1-12)"
     mkdir -p "$alt"
     is_root && chown postgres:postgres "$alt"
     rmdir "$LOCAL/pg" 2>/dev/null || true
@@ -314,9 +322,9 @@ kafka_libs_ok() { [[ -s $K_LIBS/.pom.sha256 && $(<"$K_LIBS/.pom.sha256") == "$(s
 
 kafka_fetch_libs() { # the broker's jars from Maven Central, once (~/.m2 caches them too)
   kafka_libs_ok && return
-  local t tmp="$K_DIR/libs.tmp"
+  local t tmp="$K_LIBS.tmp"
   t=$(now_ms)
-  mkdir -p "$K_LOGS"
+  mkdir -p "$K_LOGS" "$(dirname "$K_LIBS")"
   rm -rf "$tmp"
   mvn -B -q -ntp -Dstyle.color=never -f "$K_POM" dependency:copy-dependencies \
     -DincludeScope=runtime -DoutputDirectory="$tmp" >"$K_LOGS/mvn.log" 2>&1 ||
@@ -463,7 +471,18 @@ status)
   kafka_status || rc=1
   exit $rc
   ;;
+restart)
+  lock
+  down_s=${3:-0}
+  [[ $down_s =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "restart: SECONDS must be a number, not '$down_s'"
+  case ${2:-} in
+  postgres) pg_down && sleep "$down_s" && pg_up ;;
+  redis) redis_down && sleep "$down_s" && redis_up ;;
+  kafka) kafka_down && sleep "$down_s" && kafka_up ;;
+  *) die "usage: $0 restart postgres|redis|kafka [SECONDS]" ;;
+  esac
+  ;;
 *)
-  die "usage: $0 up|down|status"
+  die "usage: $0 up|down|status|restart postgres|redis|kafka [SECONDS]"
   ;;
 esac
