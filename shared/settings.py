@@ -31,6 +31,9 @@ class Settings(BaseSettings):
 
     # Signs driver and admin tokens and derives the internal service token. No default.
     jwt_secret: SecretStr
+    # The secret's earlier values while it is rotated (a JSON list): answers remembered for an
+    # `Idempotency-Key` were encrypted under a key derived from them and stay readable.
+    jwt_secret_previous: list[SecretStr] = Field(default_factory=list)
     driver_token_ttl_s: int = 7 * 24 * 3600
     otp_ttl_s: int = 300
     otp_max_attempts: int = 5
