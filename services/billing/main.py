@@ -7,6 +7,7 @@ import hmac
 from pathlib import Path
 
 from services.billing import consumers, endpoints
+from services.billing.driver import gate_endpoints
 from services.billing.invoice import endpoints as invoice_endpoints
 from services.billing.merchant import endpoints as merchant_endpoints
 from services.billing.notification import endpoints as notification_endpoints
@@ -48,6 +49,7 @@ part = Part(
         endpoints.me,
         endpoints.admin,
         endpoints.internal,
+        gate_endpoints.internal,
         refund_endpoints.me,
         refund_endpoints.admin,
         settlement_endpoints.admin,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.sessions import consumers, endpoints
+from services.sessions import consumers, endpoints, gate_endpoints
 from shared.runtime import Migrations, Part
 
 part = Part(
     name="sessions",
-    routers=[endpoints.driver, endpoints.admin, endpoints.internal],
+    routers=[endpoints.driver, endpoints.admin, endpoints.internal, gate_endpoints.internal],
     workers=consumers.workers,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_sessions"),
 )

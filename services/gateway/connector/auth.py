@@ -1,7 +1,8 @@
 """RFC 9421 signature check for connector (and district platform) requests.
 
 The key id identifies the caller; keys are resolved through the lots service and cached in
-Redis briefly, nonces are remembered in Redis for the signature window.
+Redis briefly, nonces are remembered in Redis for the signature window. Should Redis lose
+them, signatures created before the loss was noticed are refused (see docs/gate.md).
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from shared.errors import NonceReused, NotFound
+from services.gateway.gate import rebuild
+from shared.errors import NonceReused, NotFound, problem
 from shared.runtime import Runtime
 from shared.signatures import load_public_key, verify_request
 
 KEY_CACHE_S = 10  # a deleted key stops working within this many seconds
+
+SignaturePredatesReset = problem(
+    401,
+    "signature_predates_reset",
+    "The signature was made before the gateway's replay protection was reset; sign afresh",
+)
 
 
 @dataclass(frozen=True)
@@ -62,9 +70,20 @@ def _verify(rt: Runtime, method: str, url: str, headers: dict[str, str], body: b
         max_skew_s=rt.settings.signature_max_skew_s,
     )
     window = 2 * rt.settings.signature_max_skew_s + 60
-    if not rt.redis.set(
-        f"citypark:gw:nonce:{verified.key_id}:{verified.nonce}", 1, nx=True, ex=window
-    ):
+    pipe = rt.redis.pipeline(transaction=False)  # one round trip, as before the marker
+    pipe.set(f"citypark:gw:nonce:{verified.key_id}:{verified.nonce}", 1, nx=True, ex=window)
+    pipe.hget(rebuild.MARKER, "lost_at")
+    fresh, lost_at_raw = pipe.execute()
+    lost_at = rebuild.lost_at_for_request(rt.redis, lost_at_raw)
+    # Redis forgot the nonces it held: a signature made before the loss was noticed may
+    # have been used already, and nothing else would tell its replay apart. Whole seconds,
+    # like `created`, so a request signed after the loss is never refused for rounding.
+    if lost_at is not None and verified.created < lost_at // 1000:
+        raise SignaturePredatesReset(
+            f"created {verified.created} is before {lost_at // 1000}, when the gateway lost "
+            "its record of used nonces; sign the request again"
+        )
+    if not fresh:
         raise NonceReused("This signature was already used; sign every request afresh")
     info = resolved[verified.key_id]
     assert info is not None
@@ -72,7 +91,7 @@ def _verify(rt: Runtime, method: str, url: str, headers: dict[str, str], body: b
         key_id=verified.key_id,
         kind=str(info["kind"]),
         district=str(info["district"]),
-        lot_id=info.get("lot_id"),
+        lot_id=info.get("lot_id"),  # type: ignore[arg-type]
         lot_code=info.get("lot_code"),  # type: ignore[arg-type]
         operator_id=info.get("operator_id"),  # type: ignore[arg-type]
         postpay_enabled=bool(info.get("postpay_enabled")),

@@ -21,6 +21,7 @@ import redis
 from shared.events import AccountUpdated, Decision, PostpayStatus
 
 P = "citypark:gw:"
+OPEN_TTL_S = 90 * 24 * 3600  # how long the gateway remembers an open session
 
 
 def vehicle_key(plate: str, color: str) -> str:
@@ -33,31 +34,90 @@ def plate_hash(plate: str, color: str) -> str:
 
 def apply_account(r: redis.Redis, data: AccountUpdated) -> bool:
     """Replace what we know of a driver; an older snapshot than ours is ignored."""
-    dkey = f"{P}driver:{data.driver_id}"
-    current = r.hget(dkey, "version")
-    if current is not None and int(current) >= data.version:
-        return False
-    new = {vehicle_key(v.plate, v.plate_color) for v in data.vehicles}
-    old = set(r.smembers(f"{dkey}:vehicles"))  # type: ignore[arg-type]
-    eligible = data.postpay == PostpayStatus.active
-    pipe = r.pipeline(transaction=True)
-    for vk in old - new:
-        pipe.delete(f"{P}vehicle:{vk}")
-        pipe.srem(f"{P}eligible", hashlib.sha256(vk.encode()).hexdigest())
-    for vk in new:
-        pipe.set(f"{P}vehicle:{vk}", data.driver_id)
-        h = hashlib.sha256(vk.encode()).hexdigest()
-        if eligible:
-            pipe.sadd(f"{P}eligible", h)
-        else:
-            pipe.srem(f"{P}eligible", h)
-    pipe.delete(f"{dkey}:vehicles")
-    if new:
-        pipe.sadd(f"{dkey}:vehicles", *new)
-    pipe.hset(dkey, mapping={"version": data.version, "postpay": data.postpay.value})
+    return apply_accounts(r, [data]) == 1
+
+
+def apply_accounts(r: redis.Redis, snapshots: list[AccountUpdated]) -> int:
+    """Replace what we know of several drivers at once; how many were newer than ours.
+
+    Atomic against every other writer (the account consumer, a rebuild, another replica):
+    the driver keys are WATCHed while their versions are compared, so an older snapshot can
+    never overwrite a newer one that lands between the read and the write; on a conflict
+    the whole batch is read and decided again."""
+    newest: dict[str, AccountUpdated] = {}
+    for data in snapshots:  # a batch naming a driver twice keeps its newest snapshot
+        if data.driver_id not in newest or data.version > newest[data.driver_id].version:
+            newest[data.driver_id] = data
+    if not newest:
+        return 0
+    with r.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                return _apply_watched(pipe, list(newest.values()))
+            except redis.WatchError:
+                continue
+
+
+def _apply_watched(pipe: redis.client.Pipeline, batch: list[AccountUpdated]) -> int:
+    dkeys = [f"{P}driver:{d.driver_id}" for d in batch]
+    pipe.watch(*dkeys)
+    # One round trip for all reads, on a second connection: they happen after the WATCH,
+    # so any write to these keys from now on still aborts the EXEC below.
+    reader = pipe.pipeline(transaction=False)
+    for dkey in dkeys:
+        reader.hget(dkey, "version")
+        reader.smembers(f"{dkey}:vehicles")
+    read = reader.execute()
+    fresh: list[tuple[AccountUpdated, set[str], set[str]]] = []
+    for i, data in enumerate(batch):
+        current = read[2 * i]
+        if current is not None and int(current) >= data.version:
+            continue
+        new = {vehicle_key(v.plate, v.plate_color) for v in data.vehicles}
+        fresh.append((data, set(read[2 * i + 1]) - new, new))
+    if not fresh:
+        pipe.unwatch()
+        return 0
+    # A vehicle that left this driver may already belong to another one (their events
+    # travel on different partitions): only its own driver's entry is removed.
+    dropped = [(data.driver_id, vk) for data, gone, _ in fresh for vk in sorted(gone)]
+    owners: list[object] = []
+    if dropped:
+        pipe.watch(*[f"{P}vehicle:{vk}" for _, vk in dropped])
+        owners = list(pipe.mget([f"{P}vehicle:{vk}" for _, vk in dropped]))
+    pipe.multi()
+    for (driver_id, vk), owner in zip(dropped, owners, strict=True):
+        if owner is None or owner == driver_id:
+            pipe.delete(f"{P}vehicle:{vk}")
+            pipe.srem(f"{P}eligible", hashlib.sha256(vk.encode()).hexdigest())
+    for data, _, new in fresh:
+        dkey = f"{P}driver:{data.driver_id}"
+        eligible = data.postpay == PostpayStatus.active
+        for vk in new:
+            pipe.set(f"{P}vehicle:{vk}", data.driver_id)
+            h = hashlib.sha256(vk.encode()).hexdigest()
+            if eligible:
+                pipe.sadd(f"{P}eligible", h)
+            else:
+                pipe.srem(f"{P}eligible", h)
+        pipe.delete(f"{dkey}:vehicles")
+        if new:
+            pipe.sadd(f"{dkey}:vehicles", *new)
+        pipe.hset(dkey, mapping={"version": data.version, "postpay": data.postpay.value})
     pipe.incr(f"{P}eligible:version")
     pipe.execute()
-    return True
+    return len(fresh)
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    """A session the sessions service holds open: what the exit gate needs of it."""
+
+    session_id: str
+    lot_id: str
+    plate: str
+    plate_color: str
+    entered_at: datetime
 
 
 @dataclass(frozen=True)
@@ -101,12 +161,33 @@ def open_key(lot_id: str, plate: str, color: str) -> str:
 
 
 def remember_open(r: redis.Redis, lot_id: str, plate: str, color: str, session_id: str) -> None:
-    r.set(open_key(lot_id, plate, color), session_id, ex=90 * 24 * 3600)
+    r.set(open_key(lot_id, plate, color), session_id, ex=OPEN_TTL_S)
 
 
 def take_open(r: redis.Redis, lot_id: str, plate: str, color: str) -> str | None:
     value = r.getdel(open_key(lot_id, plate, color))
     return str(value) if value is not None else None
+
+
+def restore_open(r: redis.Redis, sessions: list[OpenSession], *, now: datetime) -> int:
+    """Put back the open sessions the sessions service holds; how many were missing.
+
+    Only where the gateway has nothing: whatever it wrote since (a newer entry of the same
+    vehicle at the same car park) is fresher than the service's record, which trails the
+    gateway by the pipeline's delay."""
+    pipe = r.pipeline(transaction=False)
+    for s in sessions:
+        ttl = OPEN_TTL_S - int((now - s.entered_at).total_seconds())
+        if ttl <= 0:  # the gateway would have forgotten it by now
+            continue
+        pipe.set(open_key(s.lot_id, s.plate, s.plate_color), s.session_id, nx=True, ex=ttl)
+        pipe.set(
+            entered_key(s.lot_id, s.plate, s.plate_color),
+            s.entered_at.isoformat(),
+            nx=True,
+            ex=ttl,
+        )
+    return sum(1 for done in pipe.execute()[::2] if done)
 
 
 def entered_key(lot_id: str, plate: str, color: str) -> str:

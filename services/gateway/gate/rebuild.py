@@ -1,0 +1,269 @@
+"""Rebuilding the gate state from the services' own records when Redis has lost it.
+
+The marker `citypark:gw:gate:marker` (a hash) says what Redis holds:
+  lost_at   ms since the epoch when a gateway found the marker missing (Redis lost its data,
+            or this is its first start); signatures created before that second are refused,
+            since the nonces that would have caught their replay went with the data
+  built_at  ms when the last complete rebuild finished; missing while one is due or running
+  drivers, sessions, took_ms   what that rebuild wrote and how long it took
+
+Every gateway checks the marker every few seconds and at start; whoever finds it missing
+records `lost_at` and rebuilds. `citypark gate rebuild` does the same on demand. Keys are
+overwritten in place, never cleared first, so a driver who is enrolled never reads as
+`not_enrolled` because of a rebuild; `built_at` is written last, and only if no new loss
+happened meanwhile. Drivers are applied with the events' own newer-version-wins rule, so an
+account event consumed during the rebuild is never undone by the older snapshot.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import redis
+import structlog
+
+from services.gateway.gate.state import OpenSession, P, apply_accounts, restore_open
+from shared.events import AccountUpdated
+from shared.runtime import Runtime, Worker
+
+log = structlog.get_logger(__name__)
+
+MARKER = f"{P}gate:marker"
+LOCK = f"{P}gate:rebuilding"
+CHECK_INTERVAL_S = 2.0  # how soon a running gateway notices that Redis lost its data
+LOCK_TTL_S = 30  # a rebuilder that died frees the way for another after this long
+PAGE_SIZE = 1000
+MAX_BACKOFF_S = 30.0
+
+# Progress: (phase, done so far, total or None when not known yet).
+Progress = Callable[[str, int, int | None], None]
+
+
+class RebuildSuperseded(Exception):
+    """Redis lost its data again while we rebuilt: what we wrote is incomplete."""
+
+
+class RebuildBusy(Exception):
+    """Another gateway (or `citypark gate rebuild`) is rebuilding right now."""
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    drivers: int  # driver snapshots read from billing
+    applied: int  # of which newer than what Redis held
+    vehicles: int
+    sessions: int  # open sessions read from the sessions service
+    restored: int  # of which Redis did not have
+    seconds: float
+    lost_at_ms: int
+
+    def summary(self) -> str:
+        rate = self.vehicles / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"gate state rebuilt: {self.drivers} drivers ({self.applied} updated), "
+            f"{self.vehicles} vehicles, {self.sessions} open sessions ({self.restored} restored) "
+            f"in {self.seconds:.2f} s ({rate:,.0f} vehicles/s)"
+        )
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def notice(r: redis.Redis) -> tuple[int, bool]:
+    """The instant (ms) the current data's loss was noticed, recording now if the marker is
+    missing; and whether this call is the one that recorded it."""
+    pipe = r.pipeline(transaction=False)
+    pipe.hsetnx(MARKER, "lost_at", now_ms())
+    pipe.hget(MARKER, "lost_at")
+    created, lost_at = pipe.execute()
+    if created:
+        log.warning("gate.state_missing", lost_at=_iso(int(lost_at)))
+    _seen.add(r)
+    return int(lost_at), bool(created)
+
+
+def is_complete(r: redis.Redis) -> bool:
+    """The cheap periodic check: one HGET."""
+    built_at = r.hget(MARKER, "built_at")
+    if built_at is not None:
+        _seen.add(r)
+    return built_at is not None
+
+
+# Redis clients of this process that have seen the marker: if it is missing for one of
+# them now, Redis lost its data under a running gateway, and the request that finds out
+# records the loss at once instead of waiting for the next periodic check.
+_seen: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
+
+
+def lost_at_for_request(r: redis.Redis, lost_at: str | None) -> int | None:
+    """The loss instant (ms) a signature must not predate, given the marker's `lost_at` as
+    read with the request's nonce; None while this process has no evidence of a loss."""
+    if lost_at is not None:
+        _seen.add(r)
+        return int(lost_at)
+    if r in _seen:
+        return notice(r)[0]
+    return None
+
+
+def marker(r: redis.Redis) -> dict[str, str]:
+    return r.hgetall(MARKER)  # type: ignore[return-value]
+
+
+def rebuild(
+    rt: Runtime,
+    *,
+    progress: Progress | None = None,
+    wait_s: float = 0.0,
+    page_size: int = PAGE_SIZE,
+) -> RebuildResult:
+    """Rebuild the gate state from billing's drivers and the sessions service's open sessions.
+
+    Raises `RebuildBusy` if another rebuild holds the lock for longer than `wait_s`,
+    `RebuildSuperseded` if Redis lost its data again meanwhile, and the internal client's
+    errors if a service cannot be reached."""
+    r = rt.redis
+    token = secrets.token_hex(8)
+    deadline = time.monotonic() + wait_s
+    while not r.set(LOCK, token, nx=True, ex=LOCK_TTL_S):
+        if time.monotonic() >= deadline:
+            raise RebuildBusy("another rebuild of the gate state is running")
+        time.sleep(0.2)
+    try:
+        return _rebuild_locked(rt, token, progress or (lambda *_: None), page_size)
+    finally:
+        _release(r, token)
+
+
+def _rebuild_locked(rt: Runtime, token: str, progress: Progress, page_size: int) -> RebuildResult:
+    r = rt.redis
+    started = time.monotonic()
+    lost_at, _ = notice(r)
+
+    def keep_lock() -> None:
+        r.set(LOCK, token, xx=True, ex=LOCK_TTL_S)
+
+    drivers = applied = vehicles = 0
+    for page, total in _pages(rt, "billing", "/internal/billing/gate/accounts", page_size):
+        snapshots = [AccountUpdated.model_validate(item) for item in page]
+        applied += apply_accounts(r, snapshots)
+        drivers += len(snapshots)
+        vehicles += sum(len(s.vehicles) for s in snapshots)
+        progress("drivers", drivers, total)
+        keep_lock()
+    sessions = restored = 0
+    now = datetime.now(UTC)
+    for page, total in _pages(rt, "sessions", "/internal/sessions/gate/open", page_size):
+        open_now = [
+            OpenSession(
+                session_id=str(item["session_id"]),
+                lot_id=str(item["lot_id"]),
+                plate=str(item["plate"]),
+                plate_color=str(item["plate_color"]),
+                entered_at=datetime.fromisoformat(str(item["entered_at"])),
+            )
+            for item in page
+        ]
+        restored += restore_open(r, open_now, now=now)
+        sessions += len(open_now)
+        progress("sessions", sessions, total)
+        keep_lock()
+    seconds = time.monotonic() - started
+    if int(r.get(f"{P}eligible:version") or 0) < lost_at:
+        # After a loss the counter starts again near 0, and an ETag a car park kept from
+        # before could match a different list: jump past every version handed out so far.
+        r.set(f"{P}eligible:version", now_ms())
+    _complete(r, lost_at, drivers=drivers, sessions=sessions, took_ms=int(seconds * 1000))
+    result = RebuildResult(drivers, applied, vehicles, sessions, restored, seconds, lost_at)
+    log.info(
+        "gate.rebuilt",
+        drivers=drivers,
+        applied=applied,
+        vehicles=vehicles,
+        sessions=sessions,
+        restored=restored,
+        seconds=round(seconds, 3),
+    )
+    return result
+
+
+def _pages(
+    rt: Runtime, service: str, path: str, page_size: int
+) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
+    after: str | None = None
+    total: int | None = None
+    while True:
+        query = {"limit": page_size} | ({"after": after} if after else {})
+        # Looked up on every page: a test (or an operator) may swap the client meanwhile.
+        answer = rt.internal(service).call("GET", f"{path}?{urlencode(query)}")
+        if answer.get("total") is not None:
+            total = int(answer["total"])
+        yield answer["items"], total
+        after = answer.get("next")
+        if not after:
+            return
+
+
+def _complete(r: redis.Redis, lost_at: int, **figures: int | str) -> None:
+    """Write `built_at`, but only if the marker still records the loss we rebuilt for."""
+    with r.pipeline(transaction=True) as pipe:
+        pipe.watch(MARKER)
+        if pipe.hget(MARKER, "lost_at") != str(lost_at):
+            pipe.unwatch()
+            raise RebuildSuperseded("Redis lost its data again during the rebuild")
+        pipe.multi()
+        figures["built_at"] = now_ms()
+        pipe.hset(MARKER, mapping=figures)  # type: ignore[arg-type]
+        try:
+            pipe.execute()
+        except redis.WatchError as exc:
+            raise RebuildSuperseded("Redis lost its data again during the rebuild") from exc
+
+
+def _release(r: redis.Redis, token: str) -> None:
+    with r.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(LOCK)
+            if pipe.get(LOCK) == token:
+                pipe.multi()
+                pipe.delete(LOCK)
+                pipe.execute()
+            else:
+                pipe.unwatch()
+        except redis.WatchError:
+            pass  # taken over meanwhile: not ours to delete
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def keeper(rt: Runtime, interval_s: float = CHECK_INTERVAL_S) -> Worker:
+    """The gateway's watch over its state: at start and every `interval_s`, rebuild if due."""
+
+    def run(stop: threading.Event) -> None:
+        delay = interval_s
+        while not stop.is_set():
+            try:
+                if not is_complete(rt.redis):
+                    notice(rt.redis)
+                    rebuild(rt)
+                delay = interval_s
+            except RebuildBusy:
+                delay = interval_s  # someone else is at it; check again shortly
+            except Exception as exc:  # a service or Redis away: try again, less often
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                log.warning("gate.rebuild_failed", error=repr(exc), retry_in_s=delay)
+            stop.wait(delay)
+
+    return run
