@@ -12,6 +12,7 @@ import typer
 import uvicorn
 from rich.console import Console
 
+from services.gateway.gate.cli import app as gate_app
 from shared.auth import Role
 from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
@@ -23,6 +24,7 @@ ledger_app = typer.Typer(help="The double-entry ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 districts_app = typer.Typer(help="District platforms: backfill.", no_args_is_help=True)
 app.add_typer(districts_app, name="districts")
+app.add_typer(gate_app, name="gate")
 console = Console(stderr=True)
 
 
