@@ -284,7 +284,9 @@ redis_up() {
     return
   fi
   echo "$REDIS_PORT" >"$REDIS_DIR/port"
-  redis-server --port "$REDIS_PORT" --bind "$HOST" --protected-mode yes --save "" --appendonly no \
+  # AOF, fsynced every second: a restart keeps the gate state and the used nonces.
+  redis-server --port "$REDIS_PORT" --bind "$HOST" --protected-mode yes --save "" \
+    --appendonly yes --appendfsync everysec \
     --daemonize yes --dir "$REDIS_DIR" --pidfile "$REDIS_PIDFILE" --logfile "$REDIS_LOG" 9>&- ||
     fail_with_log "redis: redis-server failed" "$REDIS_LOG"
   wait_for redis_ping "$REDIS_PORT" || fail_with_log "redis: no PONG on $REDIS_PORT within ${TIMEOUT}s" "$REDIS_LOG"
