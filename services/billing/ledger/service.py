@@ -19,6 +19,7 @@ Chart of accounts (one account per party where a party is involved):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
@@ -199,6 +200,46 @@ def operator_days(db: Session, day: date) -> list[OperatorDay]:
         OperatorDay(op, v["captured"], v["refunded"], v["commission"])
         for op, v in sorted(acc.items())
     ]
+
+
+SETTLED_KINDS = (JournalKind.charge_captured, JournalKind.refund)
+
+
+@dataclass(frozen=True)
+class JournalMoney:
+    """What one capture or refund journal means to its operator's settlement."""
+
+    operator_id: str | None
+    captured_fen: int
+    refunded_fen: int
+    commission_fen: int
+    clearing_account: str | None
+
+
+def journal_money(kind: str, lines: Iterable[tuple[str, int]]) -> JournalMoney:
+    """The rules of `operator_days`, applied to the lines of a single journal. The operator is
+    read from its accounts: a capture always credits its payable or its commission, a refund
+    always debits its refunds."""
+    operator: str | None = None
+    clearing: str | None = None
+    captured = refunded = fee = 0
+    for account, amount in lines:
+        prefix, _, party = account.rpartition(":")
+        if prefix == "asset:provider_clearing":
+            clearing = account
+            continue
+        if prefix == "liability:operator_payable" and kind == JournalKind.charge_captured:
+            captured -= amount
+        elif prefix == "revenue:city_commission":
+            fee -= amount
+            if kind == JournalKind.charge_captured:
+                captured -= amount
+        elif prefix == "contra:refunds":
+            refunded += amount
+        else:
+            continue
+        operator = party
+    return JournalMoney(operator, captured, refunded, fee, clearing)
 
 
 def check(db: Session) -> tuple[bool, int, int, list[str]]:

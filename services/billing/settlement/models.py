@@ -1,13 +1,19 @@
-"""Daily settlement per operator: frozen once run, so a second run changes nothing."""
+"""Daily settlement per operator: frozen once run, so a second run changes nothing.
+
+Every capture and refund journal a run pays out is recorded as one `SettlementItem`. Its
+primary key is the journal, so an item can be paid by one settlement only, whichever of two
+racing runs inserts it first; what a run pays is exactly the items it managed to insert.
+"""
 
 from __future__ import annotations
 
 from datetime import date, datetime
 
-from sqlalchemy import BigInteger, String
+from sqlalchemy import BigInteger, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.billing.db import Base
+from services.billing.ledger.models import Journal
 from shared.timeutil import utcnow
 
 
@@ -19,6 +25,10 @@ class SettlementRun(Base):
 
 
 class Settlement(Base):
+    """One operator's settlement of one day. The four figures are the day's own money; the
+    adjustments it also pays (items of earlier, already settled days) are its items whose
+    `business_date` is another day."""
+
     __tablename__ = "billing_settlement"
 
     business_date: Mapped[date] = mapped_column(primary_key=True)
@@ -27,3 +37,27 @@ class Settlement(Base):
     refunded_fen: Mapped[int] = mapped_column(BigInteger)
     commission_fen: Mapped[int] = mapped_column(BigInteger)
     payable_fen: Mapped[int] = mapped_column(BigInteger)
+
+
+class SettlementItem(Base):
+    """A capture or refund journal, and the settlement (run day, operator) that paid it."""
+
+    __tablename__ = "billing_settlement_item"
+    __table_args__ = (
+        Index("ix_billing_settlement_item_settlement", "settlement_date", "operator_id"),
+    )
+
+    journal_id: Mapped[str] = mapped_column(ForeignKey(Journal.id), primary_key=True)
+    settlement_date: Mapped[date]
+    operator_id: Mapped[str] = mapped_column(String(36))
+    # The day the money belongs to; another day than `settlement_date` makes it an adjustment.
+    business_date: Mapped[date]
+    kind: Mapped[str] = mapped_column(String(40))  # the journal's kind
+    reference: Mapped[str] = mapped_column(String(100))  # the charge's or the refund's id
+    captured_fen: Mapped[int] = mapped_column(BigInteger)
+    refunded_fen: Mapped[int] = mapped_column(BigInteger)
+    commission_fen: Mapped[int] = mapped_column(BigInteger)
+
+    @property
+    def payable_fen(self) -> int:
+        return self.captured_fen - self.refunded_fen - self.commission_fen
