@@ -157,24 +157,33 @@ def admin_token(
 
 @ledger_app.command("check")
 def ledger_check() -> None:
-    """Prove every journal balances and the whole ledger sums to zero (exit 1 if not)."""
+    """Prove every journal balances, the whole ledger sums to zero, and every captured charge
+    and refund is paid by exactly one settlement or still awaits its run (exit 1 if not)."""
     settings = _settings()
     import json
 
+    from services.billing.ledger import inclusion
     from services.billing.ledger import service as ledger
     from shared.db import make_engine, make_sessionmaker
 
-    factory = make_sessionmaker(make_engine(settings.database_url))
+    engine = make_engine(settings.database_url)
+    if engine.dialect.name == "postgresql":  # one snapshot, even while a settlement runs
+        engine = engine.execution_options(isolation_level="REPEATABLE READ")
+    factory = make_sessionmaker(engine)
     with factory() as db:
         balanced, total, journals, unbalanced = ledger.check(db)
+        coverage = inclusion.check_settlements(db)
     report = {
         "balanced": balanced,
         "sum_fen": total,
         "journals": journals,
         "unbalanced_journals": unbalanced,
+        "settlements": coverage.report(),
     }
     print(json.dumps(report))  # noqa: T201 - the report is the command's output
-    if not balanced:
+    for problem in coverage.problems:
+        console.print(f"[red]settlement:[/red] {problem}")
+    if not balanced or not coverage.ok:
         raise typer.Exit(1)
 
 
