@@ -8,6 +8,7 @@ code. Money is booked with the ledger's own posting rules, on the day the provid
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -217,7 +218,7 @@ def test_a_capture_booked_late_to_a_settled_day_is_paid_by_the_next_run_once(
     capture(factory, op, 1_000, DAY1)  # commission 60
     status, first = run(api, DAY1)
     assert status == 201
-    assert of(first, op)["payout_fen"] == 940
+    assert of(first, op)["payable_fen"] == 940
     assert owed_to(factory, op) == 0
 
     late = capture(factory, op, 333, DAY1)  # an `unknown` resolved after DAY1 was settled
@@ -228,6 +229,7 @@ def test_a_capture_booked_late_to_a_settled_day_is_paid_by_the_next_run_once(
     capture(factory, op, 2_500, DAY2)  # commission 150
     status, second = run(api, DAY2)
     assert status == 201
+    assert owed_to(factory, op) == 0  # the payout included the late capture
     mine = of(second, op)
     # the day's own money is unchanged by the adjustment, which is shown on its own
     assert (mine["captured_fen"], mine["commission_fen"], mine["payable_fen"]) == (
@@ -275,13 +277,14 @@ def test_a_refund_booked_late_to_a_settled_day_is_paid_by_the_next_run_once(
     op = f"op-{uuid.uuid4().hex[:8]}"
     charge = capture(factory, op, 2_000, DAY1, bps=500)  # commission 100
     _, first = run(api, DAY1)
-    assert of(first, op)["payout_fen"] == 1_900
+    assert of(first, op)["payable_fen"] == 1_900
 
     # the refund is booked to DAY1 (the provider dates it there) after DAY1 was settled
     late = refund(factory, charge, 800, DAY1)  # commission back 40
     assert owed_to(factory, op) == -760  # the operator owes the refund back
     status, second = run(api, DAY2)
     assert status == 201
+    assert owed_to(factory, op) == 0  # the payout took the late refund back
     mine = of(second, op)
     assert (mine["captured_fen"], mine["refunded_fen"], mine["payable_fen"]) == (0, 0, 0)
     assert mine["adjustments"] == [
@@ -300,7 +303,7 @@ def test_a_refund_booked_late_to_a_settled_day_is_paid_by_the_next_run_once(
     _, third = run(api, DAY3)
     assert [s for s in third["settlements"] if s["operator_id"] == op] == []
     # all told: the capture minus commission, minus the refund with its commission back
-    assert of(first, op)["payout_fen"] + mine["payout_fen"] == (2_000 - 100) - (800 - 40)
+    assert of(first, op)["payable_fen"] + mine["payout_fen"] == (2_000 - 100) - (800 - 40)
     assert coverage(factory).ok
 
 
@@ -334,7 +337,7 @@ def test_two_racing_runs_pay_a_late_item_once(
             overlapped.append(False)
         return found
 
-    monkeypatch.setattr(settlements, "_candidates", both_read_first)
+    monkeypatch.setattr(settlements, "_candidates", both_read_first, raising=False)
     results: dict[date, dict[str, Any]] = {}
     errors: list[BaseException] = []
 
@@ -352,6 +355,7 @@ def test_two_racing_runs_pay_a_late_item_once(
     for t in threads:
         t.join(timeout=60)
     assert errors == []
+    assert owed_to(factory, op) == 0  # every late item was paid
     # PostgreSQL: both runs had read the same late journals when they began to insert
     assert overlapped == [factory.kw["bind"].dialect.name == "postgresql"] * 2
     carried = [a["reference"] for d in (DAY2, DAY3) for a in of(results[d], op)["adjustments"]]
@@ -452,3 +456,82 @@ def cli_check(cfg: Settings) -> tuple[int, dict[str, Any], str]:
         timeout=120,
     )
     return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_upgrading_keeps_what_earlier_settlements_paid_and_carries_what_they_missed(
+    backend: str, infra: Infra, tmp_path: Path
+) -> None:
+    """Settlements run before settlements recorded their items: the upgrade records what each
+    one paid (the journals its stored figures sum), so the next run pays only what it missed."""
+    from alembic import command
+
+    from services.billing.main import part as billing
+    from shared.db import make_engine, make_sessionmaker
+    from shared.migrate import alembic_config
+
+    with (
+        scratch_database(infra)
+        if backend == "postgresql"
+        else contextlib.nullcontext(f"sqlite:///{tmp_path / 'old.db'}")
+    ) as url:
+        assert billing.migrations is not None
+        config = alembic_config(
+            billing.migrations.script_location, url, billing.migrations.version_table
+        )
+        command.upgrade(config, "billing_0005")
+        engine = make_engine(url)
+        factory = make_sessionmaker(engine)
+        op = f"op-{uuid.uuid4().hex[:8]}"
+        now = datetime.now(UTC)
+        seen = [capture(factory, op, amount, DAY1) for amount in (1_000, 500)]
+        # committed an instant before the old run read the day, so that run never saw it
+        unseen = capture(factory, op, 300, DAY1)
+        late = capture(factory, op, 200, DAY1)  # booked after the run
+        with factory() as db, db.begin():
+            for ref, when in zip(
+                [*seen, unseen, late],
+                [now - timedelta(hours=3), now - timedelta(hours=2, minutes=30)]
+                + [now - timedelta(hours=2, seconds=1), now - timedelta(minutes=30)],
+                strict=True,
+            ):
+                db.execute(update(Journal).where(Journal.ref_id == ref).values(created_at=when))
+            # what the run of DAY1 stored and paid, the way it did before items existed
+            db.add(SettlementRun(business_date=DAY1, created_at=now - timedelta(hours=2)))
+            db.add(
+                Settlement(
+                    business_date=DAY1,
+                    operator_id=op,
+                    captured_fen=1_500,
+                    refunded_fen=0,
+                    commission_fen=90,
+                    payable_fen=1_410,
+                )
+            )
+            ledger.post(
+                db,
+                kind=ledger.JournalKind.settlement,
+                ref_type="settlement",
+                ref_id=f"{DAY1}:{op}",
+                at=now,
+                day=DAY1,
+                lines=[
+                    (ledger.operator_payable(op), 1_410),
+                    (ledger.provider_clearing("sandbox"), -1_410),
+                ],
+            )
+        command.upgrade(config, "head")
+        with factory() as db:
+            paid = {i.reference: i.settlement_date for i in db.scalars(select(SettlementItem))}
+        assert paid == dict.fromkeys(seen, DAY1)
+        assert owed_to(factory, op) == (300 - 18) + (200 - 12)
+        assert coverage(factory).ok
+
+        with factory() as db, db.begin():
+            _, result = settlements.run(db, DAY2)
+        mine = of(result.model_dump(mode="json"), op)
+        assert sorted(a["reference"] for a in mine["adjustments"]) == sorted([unseen, late])
+        assert owed_to(factory, op) == 0
+        report = coverage(factory).report()
+        assert (report["problems"], report["settled_items"]) == ([], 4)
+        engine.dispose()
