@@ -208,7 +208,8 @@ def _pages(
         answer = rt.internal(service).call("GET", f"{path}?{urlencode(query)}")
         if answer.get("total") is not None:
             total = int(answer["total"])
-        yield answer["items"], total
+        if answer["items"]:
+            yield answer["items"], total
         after = answer.get("next")
         if not after:
             return
@@ -259,8 +260,10 @@ def keeper(rt: Runtime, interval_s: float = CHECK_INTERVAL_S) -> Worker:
                     notice(rt.redis)
                     rebuild(rt)
                 delay = interval_s
-            except RebuildBusy:
-                delay = interval_s  # someone else is at it; check again shortly
+            except (RebuildBusy, RebuildSuperseded) as exc:
+                # Someone else is at it, or Redis emptied again meanwhile: check again soon.
+                log.info("gate.rebuild_deferred", reason=str(exc))
+                delay = interval_s
             except Exception as exc:  # a service or Redis away: try again, less often
                 delay = min(delay * 2, MAX_BACKOFF_S)
                 log.warning("gate.rebuild_failed", error=repr(exc), retry_in_s=delay)
