@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Date, column, delete, func, select, table, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services import city
@@ -34,6 +34,7 @@ from services.billing.settlement import endpoints as settlement_endpoints
 from services.billing.settlement import service as settlements
 from services.billing.settlement.models import Settlement, SettlementItem, SettlementRun
 from shared.auth import Role, issue_admin_token
+from shared.db import UTCDateTime
 from shared.http import make_app
 from shared.runtime import Runtime, attach
 from shared.settings import Settings
@@ -434,8 +435,19 @@ def test_ledger_check_catches_a_missing_item(
     with factory() as db, db.begin():
         earlier = datetime.now(UTC) - timedelta(hours=2)
         db.execute(update(Journal).where(Journal.ref_id == passed_over).values(created_at=earlier))
-        db.execute(update(SettlementRun).values(created_at=earlier - timedelta(hours=1)))
-        db.add(SettlementRun(business_date=DAY3, created_at=datetime.now(UTC)))
+        run_at = earlier - timedelta(hours=1)
+        db.execute(
+            update(SettlementRun).values(
+                created_at=run_at, late_from=run_at - settlements.LATE_GRACE
+            )
+        )
+        db.add(
+            SettlementRun(
+                business_date=DAY3,
+                created_at=datetime.now(UTC),
+                late_from=datetime.now(UTC) - settlements.LATE_GRACE,
+            )
+        )
     problems = coverage(factory).problems
     assert any(passed_over in p and "adjustment" in p for p in problems), problems
 
@@ -497,7 +509,16 @@ def test_upgrading_keeps_what_earlier_settlements_paid_and_carries_what_they_mis
             ):
                 db.execute(update(Journal).where(Journal.ref_id == ref).values(created_at=when))
             # what the run of DAY1 stored and paid, the way it did before items existed
-            db.add(SettlementRun(business_date=DAY1, created_at=now - timedelta(hours=2)))
+            # (the run table as it was then: no `late_from` yet)
+            db.execute(
+                table(
+                    "billing_settlement_run",
+                    column("business_date", Date()),
+                    column("created_at", UTCDateTime()),
+                )
+                .insert()
+                .values(business_date=DAY1, created_at=now - timedelta(hours=2))
+            )
             db.add(
                 Settlement(
                     business_date=DAY1,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date
 from typing import Any
 
 from sqlalchemy import case, exists, func, select
@@ -22,10 +22,8 @@ from services.billing.ledger import service as ledger
 from services.billing.ledger.models import Journal, LedgerEntry
 from services.billing.refund.models import Refund, RefundStatus
 from services.billing.settlement.models import Settlement, SettlementItem, SettlementRun
+from services.billing.settlement.service import LATE_GRACE
 
-# A journal is stamped when it is written and seen by a run only once committed; booking
-# transactions are short, so a journal older than this when a run began was visible to it.
-GRACE = timedelta(minutes=10)
 MAX_LISTED = 50  # problems listed by name; all of them are counted
 
 
@@ -63,11 +61,9 @@ Figures = tuple[int, int, int]  # captured, refunded, commission
 def check_settlements(db: Session) -> SettlementCoverage:
     result = SettlementCoverage()
     _journals_exist(db, result)
-    runs: dict[date, datetime] = {
-        r.business_date: r.created_at for r in db.scalars(select(SettlementRun))
-    }
+    runs = {r.business_date: r for r in db.scalars(select(SettlementRun))}
     _unpaid(db, runs, result)
-    _figures(db, runs, result)
+    _figures(db, set(runs), result)
     return result
 
 
@@ -97,10 +93,11 @@ def _journals_exist(db: Session, result: SettlementCoverage) -> None:
         result.add(f"refund {refund_id} succeeded but has no refund journal")
 
 
-def _unpaid(db: Session, runs: dict[date, datetime], result: SettlementCoverage) -> None:
+def _unpaid(db: Session, runs: dict[date, SettlementRun], result: SettlementCoverage) -> None:
     """A journal no settlement paid is fine while its day has not been run, or while no run
-    has begun since it was booked to a settled day; else a run passed it over."""
-    latest = max(runs.values(), default=None)
+    has begun since it was booked to a settled day; else a run passed it over (or, written
+    before its day's run, no run will ever take it)."""
+    latest = max((r.created_at for r in runs.values()), default=None)
     result.settled_items = db.scalar(select(func.count()).select_from(SettlementItem)) or 0
     for kind, ref_id, day, created_at in db.execute(
         select(Journal.kind, Journal.ref_id, Journal.business_date, Journal.created_at)
@@ -113,9 +110,12 @@ def _unpaid(db: Session, runs: dict[date, datetime], result: SettlementCoverage)
         day_run = runs.get(day)
         if day_run is None:
             result.awaiting_first_run += 1
-        elif day_run > created_at + GRACE:
-            result.add(f"{kind} {ref_id} of {day} was left out of that day's settlement")
-        elif latest is not None and latest > max(created_at, day_run) + GRACE:
+        elif created_at < day_run.late_from:
+            result.add(
+                f"{kind} {ref_id} of {day} was written before that day's run, yet no "
+                "settlement paid it and none will"
+            )
+        elif latest is not None and latest > max(created_at, day_run.created_at) + LATE_GRACE:
             result.add(
                 f"{kind} {ref_id} of {day} (settled) was left out of the run of "
                 f"{latest.isoformat()}, which should have carried it as an adjustment"
@@ -124,7 +124,7 @@ def _unpaid(db: Session, runs: dict[date, datetime], result: SettlementCoverage)
             result.awaiting_adjustment += 1
 
 
-def _figures(db: Session, runs: dict[date, datetime], result: SettlementCoverage) -> None:
+def _figures(db: Session, runs: set[date], result: SettlementCoverage) -> None:
     """Per settlement: stored figures = its items = the entries of its journals, and its
     payout journal pays exactly that."""
     own = case((SettlementItem.business_date == SettlementItem.settlement_date, 1), else_=0)

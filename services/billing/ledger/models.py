@@ -14,8 +14,12 @@ from shared.timeutil import utcnow
 
 class Journal(Base):
     __tablename__ = "billing_journal"
-    # One journal of a kind per reference: a capture can never be booked twice.
-    __table_args__ = (UniqueConstraint("kind", "ref_type", "ref_id"),)
+    # One journal of a kind per reference: a capture can never be booked twice. Settlement
+    # reads a day's journals, and those booked to a settled day since its run, by the index.
+    __table_args__ = (
+        UniqueConstraint("kind", "ref_type", "ref_id"),
+        Index("ix_billing_journal_day", "business_date", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(40))

@@ -22,6 +22,9 @@ class SettlementRun(Base):
 
     business_date: Mapped[date] = mapped_column(primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Journals of this day written from here on may have been invisible to the run (still
+    # uncommitted): later runs look for unpaid ones among them. Earlier ones it saw.
+    late_from: Mapped[datetime]
 
 
 class Settlement(Base):

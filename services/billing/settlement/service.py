@@ -20,11 +20,11 @@ import csv
 import io
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 import structlog
-from sqlalchemy import exists, or_, select
+from sqlalchemy import exists, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -51,6 +51,10 @@ CSV_COLUMNS = [
     "kind",
     "reference",
 ]
+# A journal is stamped when written but seen by a run only once committed; booking
+# transactions last well under this, so what was written this long before a run began was
+# visible to it. `ledger check` names any journal the rule would leave unpaid.
+LATE_GRACE = timedelta(minutes=10)
 # Rows per statement: SQLite allows 32 766 bound parameters, an item row takes 9.
 BATCH = 500
 ADJUSTMENT_KIND: dict[str, Literal["capture", "refund"]] = {
@@ -67,9 +71,10 @@ def _insert(db: Session) -> Any:
 def _claim(db: Session, day: date) -> bool:
     """Insert the run row; False when the day already had one. A concurrent run waits on the
     insert until the first commits, then sees it."""
+    now = utcnow()
     stmt = (
         _insert(db)(SettlementRun)
-        .values(business_date=day, created_at=utcnow())
+        .values(business_date=day, created_at=now, late_from=now - LATE_GRACE)
         .on_conflict_do_nothing()
         .returning(SettlementRun.business_date)
     )
@@ -82,20 +87,27 @@ def _batches(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
 
 
 def _candidates(db: Session, day: date) -> list[tuple[str, date, str, str]]:
-    """Capture and refund journals no settlement has paid yet, of this day or of a day that
-    was already settled (those are the late ones), in id order: racing runs then insert the
-    items they share in the same order and never deadlock each other."""
-    settled_days = select(SettlementRun.business_date)
-    rows = db.execute(
-        select(Journal.id, Journal.business_date, Journal.kind, Journal.ref_id)
+    """Capture and refund journals no settlement has paid yet: this day's, and those booked
+    to an already settled day since that day's run (the late ones). Both are read by
+    `ix_billing_journal_day`, so a run reads its day and the late tails, not the whole ledger.
+    In id order: racing runs insert the items they share in one order and never deadlock."""
+    unpaid = ~exists().where(SettlementItem.journal_id == Journal.id)
+    columns = (Journal.id, Journal.business_date, Journal.kind, Journal.ref_id)
+    own = select(*columns).where(
+        Journal.business_date == day, Journal.kind.in_(ledger.SETTLED_KINDS), unpaid
+    )
+    late = (
+        select(*columns)
+        .join(SettlementRun, SettlementRun.business_date == Journal.business_date)
         .where(
+            Journal.business_date != day,
+            Journal.created_at >= SettlementRun.late_from,
             Journal.kind.in_(ledger.SETTLED_KINDS),
-            or_(Journal.business_date == day, Journal.business_date.in_(settled_days)),
-            ~exists().where(SettlementItem.journal_id == Journal.id),
+            unpaid,
         )
-        .order_by(Journal.id)
-    ).all()
-    return [(r[0], r[1], r[2], r[3]) for r in rows]
+    )
+    rows = db.execute(union_all(own, late)).all()
+    return sorted((r[0], r[1], r[2], r[3]) for r in rows)
 
 
 def _claim_items(db: Session, day: date) -> tuple[list[SettlementItem], dict[str, str]]:

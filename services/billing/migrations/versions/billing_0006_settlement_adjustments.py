@@ -7,17 +7,21 @@ Create Date: 2026-11-30 02:00:00.000000
 
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
+
+import shared.db
 
 revision: str = "billing_0006"
 down_revision: str | None = "billing_0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-SETTLED_KINDS = ("charge_captured", "refund")
+# Journals written this long before a run were visible to it (the settlement's rule).
+LATE_GRACE = timedelta(minutes=10)
 
 
 def upgrade() -> None:
@@ -44,6 +48,31 @@ def upgrade() -> None:
             "ix_billing_settlement_item_settlement",
             ["settlement_date", "operator_id"],
             unique=False,
+        )
+    with op.batch_alter_table("billing_journal", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_billing_journal_day", ["business_date", "created_at"], unique=False
+        )
+    with op.batch_alter_table("billing_settlement_run", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("late_from", shared.db.UTCDateTime(timezone=True), nullable=True)
+        )
+    runs = sa.table(
+        "billing_settlement_run",
+        sa.column("business_date", sa.Date()),
+        sa.column("created_at", shared.db.UTCDateTime()),
+        sa.column("late_from", shared.db.UTCDateTime()),
+    )
+    bind = op.get_bind()
+    for day, created_at in bind.execute(sa.select(runs.c.business_date, runs.c.created_at)).all():
+        bind.execute(
+            runs.update()
+            .where(runs.c.business_date == day)
+            .values(late_from=created_at - LATE_GRACE)
+        )
+    with op.batch_alter_table("billing_settlement_run", schema=None) as batch_op:
+        batch_op.alter_column(
+            "late_from", existing_type=shared.db.UTCDateTime(timezone=True), nullable=False
         )
     _backfill()
 
@@ -162,6 +191,10 @@ def _backfill() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("billing_settlement_run", schema=None) as batch_op:
+        batch_op.drop_column("late_from")
+    with op.batch_alter_table("billing_journal", schema=None) as batch_op:
+        batch_op.drop_index("ix_billing_journal_day")
     with op.batch_alter_table("billing_settlement_item", schema=None) as batch_op:
         batch_op.drop_index("ix_billing_settlement_item_settlement")
     op.drop_table("billing_settlement_item")
