@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Iterable
 
 import structlog
@@ -26,6 +25,7 @@ from shared.http import make_app
 from shared.migrate import upgrade
 from shared.runtime import Part, Runtime, Worker, attach
 from shared.settings import Settings
+from shared.shutdown import Shutdown, log_stopped, start_workers
 
 log = structlog.get_logger(__name__)
 
@@ -55,18 +55,6 @@ def migrate(settings: Settings, parts: Iterable[Part] = PARTS.values()) -> None:
             )
 
 
-def start_workers(workers: list[Worker], stop: threading.Event) -> list[threading.Thread]:
-    threads = [
-        threading.Thread(
-            target=w, args=(stop,), daemon=True, name=getattr(w, "__qualname__", "worker")
-        )
-        for w in workers
-    ]
-    for t in threads:
-        t.start()
-    return threads
-
-
 def district_codes(rt: Runtime) -> list[str]:
     with rt.sessionmaker() as db:
         return list(db.scalars(select(District.code).order_by(District.code)))
@@ -81,19 +69,20 @@ def build_app(
     mount_sandbox: Runtime | None = None,
     title: str = "CityPark",
 ) -> FastAPI:
-    stop = threading.Event()
+    # The server begins the shutdown on SIGTERM, so workers stop while requests drain; the
+    # lifespan's end begins it otherwise (tests, an embedding server).
+    shutdown = Shutdown()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        threads = start_workers(workers, stop)
+        threads = start_workers(workers, shutdown.stop)
         log.info("process.ready", parts=[p.name for p in parts], workers=len(threads))
         yield
-        stop.set()
-        for t in threads:
-            t.join(timeout=10)
-        log.info("process.stopped", parts=[p.name for p in parts])
+        stopped, running = shutdown.join(threads)
+        log_stopped(shutdown, stopped, running, parts=[p.name for p in parts])
 
     app = make_app(title, DESCRIPTION)
+    app.state.shutdown = shutdown
     app.router.lifespan_context = lifespan
     attach(app, rt)
     if not forward:  # behind the gateway's proxy the owning service keeps the answers

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import signal
-import threading
+import socket
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -58,36 +59,61 @@ def _settings() -> Settings:
     return settings
 
 
+def _exit_zero_on_sigterm() -> None:
+    # uvicorn re-raises the signal it stopped for once it is done: without a handler of ours,
+    # the default one would end a clean stop with "killed by SIGTERM".
+    def stopped(*_: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stopped)
+
+
 def _serve(application: object, host: str, port: int) -> None:
-    uvicorn.run(
-        application,
+    from shared.shutdown import HTTP_DRAIN_S, Shutdown, arm_hard_exit
+
+    workers: Shutdown | None = getattr(getattr(application, "state", None), "shutdown", None)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # Workers stop now, while requests drain, under one deadline; whatever is still
+            # stuck at the end does not keep the process alive.
+            arm_hard_exit()
+            if workers is not None:
+                workers.begin(requests_in_flight=len(self.server_state.tasks))
+            await super().shutdown(sockets)
+
+    _exit_zero_on_sigterm()
+    config = uvicorn.Config(
+        application,  # type: ignore[arg-type]
         host=host,
         port=port,
-        log_level="warning",  # type: ignore[arg-type]
-        timeout_graceful_shutdown=10,
+        log_level="warning",
+        timeout_graceful_shutdown=HTTP_DRAIN_S,
     )
+    Server(config).run()
 
 
 def _run_district(settings: Settings, code: str, metrics_port: int | None = None) -> None:
     from services.lots.districts import adapter
     from shared.runtime import Runtime
+    from shared.shutdown import Shutdown, arm_hard_exit, log_stopped, start_workers
 
     rt = Runtime(settings, source=f"district-{code}")
     if metrics_port:  # the adapter has no HTTP API; Prometheus scrapes this port
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, addr=settings.host)
-    stop = threading.Event()
+    signals: list[int] = []  # the handler only notes the signal; the main thread acts on it
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    threads = [threading.Thread(target=w, args=(stop,)) for w in adapter.workers(rt, code)]
-    for t in threads:
-        t.start()
+        signal.signal(sig, lambda signum, _: signals.append(signum))
+    shutdown = Shutdown()
+    threads = start_workers(adapter.workers(rt, code), shutdown.stop)
     console.print(f"district adapter [bold]{code}[/bold] running (Ctrl-C stops)")
-    while not stop.wait(0.5):
-        pass
-    for t in threads:
-        t.join(timeout=15)
+    while not signals:
+        time.sleep(0.2)
+    arm_hard_exit()
+    stopped, running = shutdown.join(threads)
+    log_stopped(shutdown, stopped, running, district=code)
 
 
 @app.command()

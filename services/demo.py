@@ -389,7 +389,7 @@ def _district_of(lot_code: str) -> str:
 
 def attach_demo(app: FastAPI, rt: Runtime, base_url: str) -> None:
     manifest = seed(rt)
-    stop = threading.Event()
+    stop: threading.Event = app.state.shutdown.stop  # the traffic stops with the workers
     original = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
