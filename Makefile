@@ -16,7 +16,7 @@ REAL_ENV := CITYPARK_DATABASE_URL=postgresql+psycopg://citypark:citypark@127.0.0
 	CITYPARK_KAFKA_BOOTSTRAP=127.0.0.1:$(CITYPARK_KAFKA_PORT) \
 	CITYPARK_BUS=kafka CITYPARK_CACHE=redis
 
-.PHONY: help venv bench-deps run up infra-up infra-down infra-status test test-unit lint format bench load clean
+.PHONY: help venv bench-deps run up infra-up infra-down infra-status test test-unit lint format bench load clean chaos
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -66,6 +66,18 @@ bench-deps: venv
 bench: bench-deps ## benchmark on the real topology (QUICK=1: under 3 minutes); reports/ holds the results
 	bash deploy/local/infra.sh up
 	$(BIN)/python -m loadtests.bench $(if $(QUICK),--quick,) $(if $(PHASES),--phases $(PHASES),)
+
+# The chaos run starts its own PostgreSQL, Redis and Kafka on these ports and state directory
+# (never the shared ones) and stops them afterwards; pass the defaults to run it on servers
+# that are already up, e.g. after the suite: CHAOS_PG_PORT=5432 ... CHAOS_INFRA_DIR=.local
+CHAOS_PG_PORT ?= 25432
+CHAOS_REDIS_PORT ?= 26379
+CHAOS_KAFKA_PORT ?= 29092
+CHAOS_INFRA_DIR ?= .local/chaos
+chaos: venv ## the city under a seeded fault schedule, then its invariants (QUICK=1: under 6 minutes; SEED=n)
+	$(BIN)/python -m loadtests.chaos $(if $(QUICK),--quick,) $(if $(SEED),--seed $(SEED),) \
+	  --pg-port $(CHAOS_PG_PORT) --redis-port $(CHAOS_REDIS_PORT) \
+	  --kafka-port $(CHAOS_KAFKA_PORT) --infra-dir $(CHAOS_INFRA_DIR)
 
 LOAD_SECONDS ?= 60
 LOAD_USERS ?= 30
