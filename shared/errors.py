@@ -48,6 +48,8 @@ Forbidden = problem(403, "forbidden", "Not allowed")
 Conflict = problem(409, "conflict", "Conflict")
 RateLimited = problem(429, "rate_limited", "Too many requests")
 UpstreamUnavailable = problem(503, "upstream_unavailable", "A dependency is unavailable; retry")
+# A neighbour refused our request as a client error: a contract breach on our side, not an outage.
+UpstreamRejected = problem(502, "upstream_rejected", "A dependency refused the request")
 
 PlateInvalid = problem(422, "plate_invalid", "The licence plate is not a valid plate")
 PlateColorInvalid = problem(422, "plate_color_invalid", "Unknown plate colour")

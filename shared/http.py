@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, Problem
@@ -79,6 +80,26 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         return problem_response(exc.status_code, code, str(exc.detail), str(exc.detail))
+
+    @app.exception_handler(OperationalError)
+    async def _database_away(request: Request, exc: OperationalError) -> JSONResponse:
+        # Transient by nature: the write lock is busy (SQLite) or the database is away for a
+        # moment. The client is told to come back, and nothing of the request was kept.
+        busy = "database is locked" in str(exc.orig)
+        status, code = (429, "city_busy") if busy else (503, "database_unavailable")
+        log.warning(
+            "http.database_busy" if busy else "http.database_unavailable",
+            path=request.url.path,
+            error=str(exc.orig)[:200],
+        )
+        response = problem_response(
+            status,
+            code,
+            "The city is busy" if busy else "The database is unavailable",
+            "Nothing was recorded; send the same request again after `Retry-After` seconds.",
+        )
+        response.headers["Retry-After"] = "1" if busy else "2"
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -13,7 +13,7 @@ from tenacity import (
 )
 
 from shared.auth import internal_token
-from shared.errors import NotFound, UpstreamUnavailable
+from shared.errors import NotFound, UpstreamRejected, UpstreamUnavailable
 
 
 class InternalClient:
@@ -48,11 +48,12 @@ class InternalClient:
             raise UpstreamUnavailable(f"{self.http.base_url} unreachable: {exc!r}") from exc
         if response.status_code == 404:
             raise NotFound(response.json().get("detail", "not found"))
-        if response.status_code >= 500:
+        if response.status_code >= 500 or response.status_code in (408, 425, 429):
+            # Down, overloaded or pushing back: all of it passes; the caller retries.
             raise UpstreamUnavailable(f"{method} {path} answered {response.status_code}")
         if response.status_code >= 400:
             # A 4xx from a neighbour is a contract breach on our side: surface it as is.
-            raise UpstreamUnavailable(
+            raise UpstreamRejected(
                 f"{method} {path} answered {response.status_code}: {response.text[:200]}"
             )
         if response.status_code == 204 or not response.content:

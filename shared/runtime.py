@@ -13,13 +13,15 @@ import redis
 from fastapi import APIRouter, FastAPI
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker as SessionFactory  # not shadowed by the properties
 
 from shared.bus.port import EventBus
-from shared.db import make_engine, make_sessionmaker
+from shared.db import make_engine, make_sessionmaker, read_only_sessionmaker
 from shared.internal import InternalClient
 from shared.settings import Settings
 
 Worker = Callable[[threading.Event], None]
+REQUEST_BUSY_TIMEOUT_MS = 3_000
 
 
 @dataclass
@@ -36,7 +38,18 @@ class Runtime:
 
     @cached_property
     def sessionmaker(self) -> sessionmaker[Session]:
+        """Sessions for workers: on SQLite they wait as long as it takes for the write lock."""
         return make_sessionmaker(self.engine)
+
+    @cached_property
+    def request_sessionmaker(self) -> SessionFactory[Session]:
+        """Sessions for API requests: a request that cannot get SQLite's write lock soon is
+        answered 429 with `Retry-After` (the city pushes back) instead of hanging."""
+        return make_sessionmaker(self.engine, busy_timeout_ms=REQUEST_BUSY_TIMEOUT_MS)
+
+    @cached_property
+    def read_sessionmaker(self) -> SessionFactory[Session]:
+        return read_only_sessionmaker(self.engine)
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -83,4 +96,6 @@ class Part:
 def attach(app: FastAPI, rt: Runtime) -> None:
     app.state.settings = rt.settings
     app.state.sessionmaker = rt.sessionmaker
+    app.state.request_sessionmaker = rt.request_sessionmaker
+    app.state.read_sessionmaker = rt.read_sessionmaker
     app.state.runtime = rt

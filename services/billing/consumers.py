@@ -93,12 +93,12 @@ def workers(rt: Runtime) -> list[Worker]:
                 due.wait(IDLE_S)
 
     out: list[Worker] = [consume, charge_worker]
-    if rt.engine.dialect.name == "postgresql":
-        # Sending a charge is mostly waiting for the provider's answer, so the throughput of
-        # charges is workers / provider latency: several workers keep them flowing. The queue
-        # claims rows with SKIP LOCKED, so they never share one (SQLite keeps one).
-        workers_n = rt.settings.billing_charge_workers
-        out += [lambda stop: charge_worker(stop, sweeper=False)] * (workers_n - 1)
+    # Sending a charge is mostly waiting for the provider's answer, so the throughput of
+    # charges is workers / provider latency: several workers keep them flowing. Each claims
+    # its charges with a lease (SKIP LOCKED on PostgreSQL, the write lock on SQLite) and asks
+    # the provider with no transaction open, so they never share one and never block writers.
+    workers_n = rt.settings.billing_charge_workers
+    out += [lambda stop: charge_worker(stop, sweeper=False)] * (workers_n - 1)
     out += notification_consumers.workers(rt)  # their own consumer group, and the sender
     if rt.settings.bus is BusKind.kafka:
         out.append(lambda stop: run_relay(rt.sessionmaker, rt.bus, charges.SOURCE, stop))

@@ -40,7 +40,7 @@ from services.lots.schemas import (
     TariffVersionOut,
 )
 from shared.auth import AdminAuth, InternalAuth, ViewerAuth
-from shared.deps import DbSession
+from shared.deps import DbSession, ReadDbSession
 from shared.errors import (
     NotFound,
     PlateColorInvalid,
@@ -464,12 +464,12 @@ def _price(
 
 
 @internal.post("/{lot_id}/price", response_model=PriceOut)
-def price(lot_id: str, data: QuoteRequest, db: DbSession, _: InternalAuth) -> PriceOut:
+def price(lot_id: str, data: QuoteRequest, db: ReadDbSession, _: InternalAuth) -> PriceOut:
     return _price(db, lot_id, data)
 
 
 @internal.post("/prices", response_model=PricesOut)
-def prices(data: PricesIn, db: DbSession, _: InternalAuth) -> PricesOut:
+def prices(data: PricesIn, db: ReadDbSession, _: InternalAuth) -> PricesOut:
     """Many stays priced in one call (billing prices a poll of closed sessions at once), with
     the lots' tariff versions and the vehicles' passes read once for all; an item that cannot
     be priced carries its problem code and leaves the others alone."""

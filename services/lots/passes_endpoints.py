@@ -8,13 +8,13 @@ from fastapi import APIRouter, status
 from services.lots import passes
 from services.lots.passes import CoverIn, CoverOut, DriverPassOut, LotPasses, PassOut, PassPut
 from shared.auth import InternalAuth
-from shared.deps import DbSession
+from shared.deps import DbSession, ReadDbSession
 
 internal = APIRouter(prefix="/internal/lots", include_in_schema=False)
 
 
 @internal.post("/passes/by-vehicles", response_model=list[DriverPassOut])
-def by_vehicles(data: passes.VehiclesIn, db: DbSession, _: InternalAuth) -> list[DriverPassOut]:
+def by_vehicles(data: passes.VehiclesIn, db: ReadDbSession, _: InternalAuth) -> list[DriverPassOut]:
     return passes.passes_of_vehicles(db, data.vehicles)
 
 

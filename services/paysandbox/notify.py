@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.paysandbox.models import SandboxNotification
+from shared import workqueue
 from shared.settings import Settings
 from shared.timeutil import utcnow
 
@@ -60,42 +61,41 @@ def enqueue(db: Session, *, url: str | None, payload: dict[str, Any], copies: in
 def deliver_due(
     factory: sessionmaker[Session], secret: str, *, limit: int = 20, timeout_s: float = 10.0
 ) -> int:
-    """Try every due notification once; returns how many were acknowledged."""
-    with factory() as db:
-        ids = list(
-            db.scalars(
-                select(SandboxNotification.id)
-                .where(
-                    SandboxNotification.delivered_at.is_(None),
-                    SandboxNotification.next_attempt_at <= utcnow(),
-                )
-                .order_by(SandboxNotification.id)
-                .limit(limit)
-            )
+    """Try every due notification once; returns how many were acknowledged. The batch is
+    taken with a lease, and each is posted with no transaction open (the receiver may be this
+    very process, writing to the same database)."""
+    with factory() as db, db.begin():
+        ids = workqueue.claim_due(
+            db,
+            SandboxNotification.id,
+            SandboxNotification.next_attempt_at,
+            SandboxNotification.delivered_at.is_(None),
+            limit=limit,
+            lease=timedelta(seconds=timeout_s + 20),
         )
+        posts = {
+            row.id: (row.url, row.body.encode())
+            for row in db.scalars(
+                select(SandboxNotification).where(SandboxNotification.id.in_(ids))
+            )
+        }
     acked = 0
     for nid in ids:
+        url, body = posts[nid]
+        try:
+            answer = _http.post(
+                url,
+                content=body,
+                headers={"content-type": "application/json", SIGNATURE_HEADER: sign(secret, body)},
+                timeout=timeout_s,
+            )
+            ok, error = answer.is_success, f"HTTP {answer.status_code}"
+        except httpx.HTTPError as exc:
+            ok, error = False, repr(exc)[:300]
         with factory() as db, db.begin():
-            query = select(SandboxNotification).where(SandboxNotification.id == nid)
-            if db.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            row = db.scalar(query)
+            row = workqueue.locked(db, SandboxNotification, nid)
             if row is None or row.delivered_at is not None:
                 continue
-            body = row.body.encode()
-            try:
-                answer = _http.post(
-                    row.url,
-                    content=body,
-                    headers={
-                        "content-type": "application/json",
-                        SIGNATURE_HEADER: sign(secret, body),
-                    },
-                    timeout=timeout_s,
-                )
-                ok, error = answer.is_success, f"HTTP {answer.status_code}"
-            except httpx.HTTPError as exc:
-                ok, error = False, repr(exc)[:300]
             row.attempts += 1
             if ok:
                 row.delivered_at = utcnow()

@@ -1,9 +1,12 @@
 """The consumer loop: dedupe at the door, handle in one transaction, commit offsets last.
 
-Failure policy, explicit: a message that can never succeed (its payload does not validate, or
-the handler raises a client-side Problem) goes to the dead letters and is skipped; anything
-else (a database or a neighbour service away) is retried with backoff, in order, forever,
-without committing past it.
+Failure policy (shared/workqueue.py, the same for every queue): a transient error (the
+database or a neighbour away, a timeout) is retried with capped backoff, in order, for as long
+as it takes, without committing past it; a message that can never succeed (it does not
+decode or validate, or a service refused it as a client error) is dead-lettered at once with
+its reason; an unexpected error (a bug) is retried a few times and then that one message is
+dead-lettered as `unexpected`, so the partition moves on. Dead letters are replayed by ops
+(`citypark deadletters replay`).
 """
 
 from __future__ import annotations
@@ -13,17 +16,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 import structlog
-from pydantic import ValidationError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import workqueue
 from shared.bus.models import DeadLetter, InboxRow
 from shared.bus.port import Handler, Message
-from shared.errors import Problem
 
 log = structlog.get_logger(__name__)
-
-Poison = (ValidationError, Problem, ValueError)
 
 
 class Subscription(Protocol):
@@ -112,22 +112,29 @@ def idempotent(
 
 
 def dead_letter_to_db(factory: sessionmaker[Session], consumer: str) -> DeadLetterSink:
-    def sink(message: Message, error: BaseException) -> None:
+    def sink(message: Message, error: BaseException, reason: str) -> None:
         with factory() as db, db.begin():
             db.add(
                 DeadLetter(
                     consumer=consumer,
                     topic=message.topic,
                     event_id=message.event.id,
-                    payload=message.event.model_dump_json(),
-                    error=repr(error),
+                    payload=message.raw
+                    if message.undecodable is not None
+                    else message.event.model_dump_json(),
+                    error=repr(error)[:2000],
+                    reason=reason,
                 )
             )
 
     return sink
 
 
-DeadLetterSink = Callable[[Message, BaseException], None]
+DeadLetterSink = Callable[[Message, BaseException, str], None]
+
+
+class Undecodable(ValueError):
+    """The record is not an event."""
 
 
 class ConsumerLoop:
@@ -141,6 +148,7 @@ class ConsumerLoop:
         dead_letter: DeadLetterSink | None = None,
         max_backoff_s: float = 10.0,
         idle: Callable[[], None] | None = None,
+        park_after: int = workqueue.PARK_AFTER,
     ) -> None:
         self.name = name
         self.subscription = subscription
@@ -149,38 +157,68 @@ class ConsumerLoop:
         self.dead_letter = dead_letter
         self.max_backoff_s = max_backoff_s
         self.idle = idle
+        self.park_after = park_after
         self.handled = 0
+
+    def _dead_letter(self, message: Message, exc: BaseException, reason: str) -> bool:
+        """Set the message aside; False when it could not be (the sink's database is away):
+        then the message is retried like any transient failure, never skipped."""
+        log.error(
+            "consumer.dead_letter",
+            consumer=self.name,
+            topic=message.topic,
+            event_id=message.event.id,
+            reason=reason,
+            error=str(exc)[:300],
+        )
+        if self.dead_letter is not None:
+            try:
+                self.dead_letter(message, exc, reason)
+            except Exception as sink_error:
+                log.warning(
+                    "consumer.dead_letter_failed", consumer=self.name, error=repr(sink_error)
+                )
+                return False
+        workqueue.DEAD_LETTERS.labels(self.name, reason).inc()
+        return True
 
     def _handle(self, message: Message) -> bool:
         """True when the message is done (handled or dead-lettered); False when stopping."""
-        delay = 0.2
+        attempt = 0
+        strikes = 0
         while True:
             try:
+                if message.undecodable is not None:
+                    raise Undecodable(message.undecodable)
                 self.handler(message)
                 self.handled += 1
                 return True
-            except Poison as exc:
-                log.error(
-                    "consumer.dead_letter",
-                    consumer=self.name,
-                    topic=message.topic,
-                    event_id=message.event.id,
-                    error=str(exc),
-                )
-                if self.dead_letter is not None:
-                    self.dead_letter(message, exc)
-                return True
             except Exception as exc:
+                kind = workqueue.classify(exc)
+                reason: str | None = None
+                if isinstance(exc, Undecodable):
+                    reason = "undecodable"
+                elif kind is workqueue.Failure.bad_data:
+                    reason = "bad_data"
+                elif kind is workqueue.Failure.unexpected:
+                    strikes += 1
+                    if strikes >= self.park_after:
+                        reason = "unexpected"
+                if reason is not None and self._dead_letter(message, exc, reason):
+                    return True
+                workqueue.RETRIES.labels(self.name).inc()
+                delay = workqueue.backoff_s(attempt, cap=self.max_backoff_s)
+                attempt += 1
                 log.warning(
                     "consumer.retry",
                     consumer=self.name,
                     event_id=message.event.id,
-                    error=repr(exc),
+                    kind=kind,
+                    error=repr(exc)[:300],
                     retry_in_s=delay,
                 )
                 if self.stop.wait(delay):
                     return False
-                delay = min(delay * 2, self.max_backoff_s)
 
     def _rewind(self) -> None:
         try:

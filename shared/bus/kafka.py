@@ -10,7 +10,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.serializer import Serializer
 from kafka.structs import OffsetAndMetadata
 
-from shared.bus.port import Message
+from shared.bus.port import Message, decode
 from shared.events import CloudEvent
 
 SEND_TIMEOUT_S = 15.0
@@ -75,12 +75,8 @@ class KafkaSubscription:
         out: list[Message] = []
         for records in batches.values():
             for r in records:
-                key = r.key.decode() if r.key else ""
-                out.append(
-                    Message(
-                        r.topic, key, CloudEvent.from_json(r.value), f"{r.partition}:{r.offset}"
-                    )
-                )
+                key = r.key.decode("utf-8", "replace") if r.key else ""
+                out.append(decode(r.topic, key, r.value or b"", f"{r.partition}:{r.offset}"))
         return out
 
     def commit(self, messages: list[Message]) -> None:

@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.bus.models import LogOffset, LogRow
 from shared.bus.outbox import enqueue
-from shared.bus.port import Message
+from shared.bus.port import Message, decode
+from shared.db import READ_ONLY
 from shared.events import CloudEvent
 
 
@@ -46,6 +47,7 @@ class LogSubscription:
 
     def poll(self, timeout_s: float) -> list[Message]:
         with self.factory() as db:
+            db.connection(execution_options={READ_ONLY: True})  # never waits for the writers
             if self._position is None:
                 self._position = self._load_position(db)
             rows = db.scalars(
@@ -54,9 +56,7 @@ class LogSubscription:
                 .order_by(LogRow.id)
                 .limit(self.batch)
             ).all()
-        messages = [
-            Message(r.topic, r.key, CloudEvent.from_json(r.payload), str(r.id)) for r in rows
-        ]
+        messages = [decode(r.topic, r.key, r.payload, str(r.id)) for r in rows]
         if messages:
             self._position = int(messages[-1].position)
         return messages

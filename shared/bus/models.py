@@ -50,7 +50,12 @@ class InboxRow(Base):
 
 
 class DeadLetter(Base):
+    """A message a consumer set aside: `reason` is `bad_data` (it can never succeed as it is),
+    `undecodable` (not an event at all; `payload` is the raw record) or `unexpected` (it kept
+    failing with an error nobody foresaw). Ops replay it once the cause is fixed."""
+
     __tablename__ = "bus_dead_letter"
+    __table_args__ = (Index("ix_bus_dead_letter_open", "replayed_at", "id"),)
 
     id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
     consumer: Mapped[str] = mapped_column(String(200))
@@ -59,3 +64,5 @@ class DeadLetter(Base):
     payload: Mapped[str] = mapped_column(Text)
     error: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str] = mapped_column(String(20), default="bad_data", server_default="bad_data")
+    replayed_at: Mapped[datetime | None] = mapped_column(default=None)

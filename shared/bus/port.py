@@ -2,9 +2,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
+from pydantic import ValidationError
+
 from shared.events import CloudEvent
+
+UNDECODABLE = "citypark.undecodable"
 
 
 @dataclass(frozen=True)
@@ -13,6 +18,26 @@ class Message:
     key: str
     event: CloudEvent
     position: str  # partition/offset or log row id, for logs
+    # Set when the record is not a CloudEvent at all: `event` is then a placeholder and the
+    # consumer dead-letters the raw record, alone, without touching the records around it.
+    undecodable: str | None = None
+    raw: str | None = None
+
+
+def decode(topic: str, key: str, raw: bytes | str, position: str) -> Message:
+    """A record as a message; never raises, so one bad record cannot take its poll down."""
+    try:
+        return Message(topic, key, CloudEvent.from_json(raw), position)
+    except (ValidationError, ValueError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        placeholder = CloudEvent(
+            id=f"undecodable:{topic}:{position}",
+            source="bus",
+            type=UNDECODABLE,
+            time=datetime.now(UTC),
+            data={},
+        )
+        return Message(topic, key, placeholder, position, undecodable=str(exc)[:500], raw=text)
 
 
 Handler = Callable[[Message], None]

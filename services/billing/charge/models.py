@@ -20,6 +20,7 @@ class ChargeStatus(StrEnum):
     captured = "captured"
     declined = "declined"  # arrears until paid
     free = "free"  # nothing to pay (free minutes, passes)
+    parked = "parked"  # set aside after repeated unexpected errors, until ops replay it
 
 
 class Charge(Base):

@@ -13,7 +13,9 @@ always carries the charge id as `out_trade_no`, so a resend can never take money
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -34,7 +36,7 @@ from services.billing.provider.port import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from shared import wakeups
+from shared import wakeups, workqueue
 from shared.bus.outbox import enqueue
 from shared.errors import NotFound
 from shared.events import ChargeEvent, Decision, EventType, SessionClosed, new_event
@@ -47,6 +49,9 @@ log = structlog.get_logger(__name__)
 SOURCE = "billing"
 DUE = "billing:charges"  # wakes the charge workers when a charge becomes due
 MAX_BACKOFF = timedelta(minutes=10)
+# A charge taken by a worker is its own for this long; a worker that dies hands it back then.
+# Longer than any provider answer (3 s timeout) plus the bookkeeping around it.
+LEASE = timedelta(seconds=30)
 
 
 def billable(closed: SessionClosed) -> bool:
@@ -166,14 +171,19 @@ def _apply(db: Session, settings: Settings, charge: Charge, result: ChargeResult
         charge.captured_at = result.captured_at or utcnow()
         charge.failure_code = None
         fee = ledger.commission_of(charge.amount_fen, charge.commission_bps)
-        ledger.post(
-            db,
-            kind=ledger.JournalKind.charge_captured,
-            ref_type="charge",
-            ref_id=charge.id,
-            at=charge.captured_at,
-            lines=ledger.capture_lines(charge.provider, charge.operator_id, charge.amount_fen, fee),
-        )
+        # Booked once per charge; a capture journal already there (a database from before
+        # captures were serialised) is kept, never doubled.
+        if not ledger.exists(db, ledger.JournalKind.charge_captured, "charge", charge.id):
+            ledger.post(
+                db,
+                kind=ledger.JournalKind.charge_captured,
+                ref_type="charge",
+                ref_id=charge.id,
+                at=charge.captured_at,
+                lines=ledger.capture_lines(
+                    charge.provider, charge.operator_id, charge.amount_fen, fee
+                ),
+            )
         if ledger.exists(db, ledger.JournalKind.arrears_opened, "charge", charge.id):
             ledger.post(
                 db,
@@ -225,47 +235,162 @@ def _backoff(charge: Charge) -> None:
     charge.next_attempt_at = utcnow() + delay
 
 
-def advance(
-    db: Session, settings: Settings, providers: dict[str, PaymentProvider], charge: Charge
-) -> None:
-    """Move one charge one step along its state machine."""
+@dataclass(frozen=True)
+class _Ask:
+    """What the worker asks the provider about one charge, taken from the row in a short
+    transaction so that no transaction stays open while the provider thinks."""
+
+    charge_id: str
+    query: bool  # the last send went unanswered: ask what happened before sending again
+    provider: str
+    agreement_no: str
+    amount_fen: int
+    lot_code: str
+
+
+class _Answer(StrEnum):
+    result = "result"  # a final answer: captured or declined
+    never_seen = "never_seen"  # the provider has no such trade: sending again is safe
+    timeout = "timeout"  # no answer: the charge may or may not have been taken
+    unavailable = "unavailable"  # the provider could not be reached: nothing happened
+
+
+def _prepare(db: Session, settings: Settings, charge: Charge) -> _Ask | None:
+    """The charge's next question to the provider, or None when there is none to ask."""
+    if charge.status not in (ChargeStatus.pending, ChargeStatus.unknown):
+        return None
     account = db.get(PaymentAccount, charge.driver_id)
-    if charge.status == ChargeStatus.pending and account is None:
-        charge.status = ChargeStatus.declined
-        charge.failure_code = "no_account"
-        _publish(db, charge, EventType.charge_declined)
-        drivers.refresh_account_state(db, settings, drivers.get_driver(db, charge.driver_id))
-        return
-    if charge.status == ChargeStatus.pending and account is not None:
+    if charge.status == ChargeStatus.pending:
+        if account is None:
+            charge.status = ChargeStatus.declined
+            charge.failure_code = "no_account"
+            _publish(db, charge, EventType.charge_declined)
+            drivers.refresh_account_state(db, settings, drivers.get_driver(db, charge.driver_id))
+            return None
         charge.provider = account.provider
         charge.agreement_no = account.agreement_no
-    provider = providers[charge.provider or "sandbox"]
+    return _Ask(
+        charge_id=charge.id,
+        query=charge.status == ChargeStatus.unknown,
+        provider=charge.provider or "sandbox",
+        agreement_no=charge.agreement_no or "",
+        amount_fen=charge.amount_fen,
+        lot_code=charge.lot_code,
+    )
+
+
+def _ask(providers: dict[str, PaymentProvider], ask: _Ask) -> tuple[_Answer, ChargeResult | None]:
+    """One question to the provider, with no transaction open. The request always carries the
+    charge id as `out_trade_no`, so asking twice can never take the money twice."""
+    provider = providers[ask.provider]
     try:
-        if charge.status == ChargeStatus.unknown:
-            result = provider.query(charge.id)
-            if result is None:  # the provider never saw it: sending again is safe
-                charge.status = ChargeStatus.pending
-                return
-        else:
-            result = provider.charge(
-                agreement_no=charge.agreement_no or "",
-                out_trade_no=charge.out_trade_no,
-                amount_fen=charge.amount_fen,
-                description=f"Parking at {charge.lot_code}",
-            )
+        if ask.query:
+            found = provider.query(ask.charge_id)
+            return (_Answer.never_seen, None) if found is None else (_Answer.result, found)
+        return _Answer.result, provider.charge(
+            agreement_no=ask.agreement_no,
+            out_trade_no=ask.charge_id,
+            amount_fen=ask.amount_fen,
+            description=f"Parking at {ask.lot_code}",
+        )
     except ProviderTimeout:
+        return _Answer.timeout, None
+    except ProviderUnavailable:
+        return _Answer.unavailable, None
+    except ProviderRejected as exc:
+        # The provider refuses the request itself: never retried blindly, it is arrears.
+        return _Answer.result, ChargeResult(Outcome.declined, None, exc.code, None)
+
+
+def record(
+    db: Session,
+    settings: Settings,
+    charge: Charge,
+    answer: _Answer,
+    result: ChargeResult | None = None,
+) -> None:
+    """Book the provider's answer against the charge *as it is now* (the caller read it afresh
+    under its row lock): a signed notice may have captured it while the provider was being
+    asked, and a stale answer must never overwrite that."""
+    open_ = charge.status in (ChargeStatus.pending, ChargeStatus.unknown)
+    if answer is _Answer.result and result is not None:
+        if result.outcome is Outcome.captured and charge.status != ChargeStatus.captured:
+            _apply(db, settings, charge, result)  # money taken is booked, whatever came first
+        elif result.outcome is Outcome.declined and open_:
+            _apply(db, settings, charge, result)
+    elif not open_:
+        return
+    elif answer is _Answer.never_seen:
+        charge.status = ChargeStatus.pending
+        charge.next_attempt_at = utcnow()
+    elif answer is _Answer.timeout:
         charge.status = ChargeStatus.unknown
         _backoff(charge)
         log.warning("charge.unknown", charge_id=charge.id, attempts=charge.attempts)
-        return
-    except ProviderUnavailable as exc:
+    else:
         _backoff(charge)
-        log.warning("charge.retry", charge_id=charge.id, attempts=charge.attempts, error=str(exc))
+        log.warning("charge.retry", charge_id=charge.id, attempts=charge.attempts)
+
+
+def advance(
+    db: Session, settings: Settings, providers: dict[str, PaymentProvider], charge: Charge
+) -> None:
+    """Move one charge one step along its state machine inside one transaction (tests and
+    tools; the worker uses `process_due`, which keeps no transaction open while it asks)."""
+    ask = _prepare(db, settings, charge)
+    if ask is not None:
+        answer, result = _ask(providers, ask)
+        record(db, settings, charge, answer, result)
+
+
+_strikes = workqueue.Strikes()
+
+
+def _step(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    providers: dict[str, PaymentProvider],
+    charge_id: str,
+) -> None:
+    with factory() as db, db.begin():
+        charge = workqueue.locked(db, Charge, charge_id)
+        ask = None if charge is None else _prepare(db, settings, charge)
+    if ask is None:
         return
-    except ProviderRejected as exc:
-        # The provider refuses the request itself: never retried blindly, it is arrears.
-        result = ChargeResult(Outcome.declined, None, exc.code, None)
-    _apply(db, settings, charge, result)
+    answer, result = _ask(providers, ask)
+    with factory() as db, db.begin():
+        charge = workqueue.locked(db, Charge, charge_id)
+        if charge is not None:
+            record(db, settings, charge, answer, result)
+
+
+def _failed(factory: sessionmaker[Session], charge_id: str, exc: Exception) -> None:
+    """The failure policy (shared/workqueue.py) for one charge: it never blocks the others."""
+    kind = workqueue.classify(exc)
+    park = kind is not workqueue.Failure.transient and _strikes.hit(charge_id)
+    try:
+        with factory() as db, db.begin():
+            charge = workqueue.locked(db, Charge, charge_id)
+            if charge is None or charge.status not in (ChargeStatus.pending, ChargeStatus.unknown):
+                return
+            if park:
+                charge.status = ChargeStatus.parked
+                charge.failure_code = f"parked:{type(exc).__name__}"[:60]
+            else:
+                charge.next_attempt_at = utcnow() + timedelta(
+                    seconds=workqueue.backoff_s(charge.attempts, base=1.0, cap=30.0)
+                )
+    except Exception as again:  # the database itself is away: the lease hands it back
+        log.warning("charge.failure_unrecorded", charge_id=charge_id, error=repr(again))
+        return
+    if park:
+        workqueue.PARKED.labels("charges").inc()
+        log.error("charge.parked", charge_id=charge_id, error=repr(exc))
+    elif kind is workqueue.Failure.transient:
+        workqueue.RETRIES.labels("charges").inc()
+        log.warning("charge.retry", charge_id=charge_id, error=repr(exc))
+    else:
+        log.error("charge.failed", charge_id=charge_id, error=repr(exc))
 
 
 def process_due(
@@ -274,32 +399,55 @@ def process_due(
     providers: dict[str, PaymentProvider],
     limit: int = 20,
 ) -> int:
-    """Advance up to `limit` due charges, one transaction each; returns how many were touched.
+    """Advance up to `limit` due charges; returns how many were taken.
 
-    On PostgreSQL each charge is claimed with `FOR UPDATE SKIP LOCKED`, so any number of
-    workers (threads or billing replicas) share the queue without ever taking one charge twice.
-    """
-    due = (
-        select(Charge)
-        .where(
-            or_(Charge.status == ChargeStatus.pending, Charge.status == ChargeStatus.unknown),
-            Charge.next_attempt_at <= utcnow(),
+    The batch is claimed in one short transaction (a lease, shared/workqueue.py), so any
+    number of workers (threads or billing replicas) share the queue without taking one charge
+    twice, on PostgreSQL and on SQLite. Each charge is then asked about with no transaction
+    open and its answer recorded in its own; one that fails goes back with backoff or, after
+    repeated unexpected errors, is parked, and never holds up the charges behind it."""
+    with factory() as db, db.begin():
+        claimed = workqueue.claim_due(
+            db,
+            Charge.id,
+            Charge.next_attempt_at,
+            Charge.status.in_([ChargeStatus.pending, ChargeStatus.unknown]),
+            limit=limit,
+            lease=LEASE,
         )
-        .order_by(Charge.next_attempt_at)
-        .limit(1)
+    for charge_id in claimed:
+        try:
+            _step(factory, settings, providers, charge_id)
+            _strikes.clear(charge_id)
+        except Exception as exc:
+            _failed(factory, charge_id, exc)
+    return len(claimed)
+
+
+def parked(db: Session, limit: int = 100) -> list[Charge]:
+    return list(
+        db.scalars(
+            select(Charge)
+            .where(Charge.status == ChargeStatus.parked)
+            .order_by(Charge.updated_at)
+            .limit(limit)
+        )
     )
-    touched = 0
-    for _ in range(limit):
-        with factory() as db, db.begin():
-            query = due
-            if db.get_bind().dialect.name == "postgresql":
-                query = due.with_for_update(skip_locked=True)
-            charge = db.scalar(query)
-            if charge is None:
-                break
-            advance(db, settings, providers, charge)
-            touched += 1
-    return touched
+
+
+def replay_parked(db: Session, charge_id: str) -> Charge:
+    """Put a parked charge back in the queue. It is asked about first (`unknown`): the provider
+    may have taken the money before the error, and a query never takes it twice."""
+    charge = workqueue.locked(db, Charge, charge_id)
+    if charge is None or charge.status != ChargeStatus.parked:
+        raise NotFound("No parked charge with this id")
+    charge.status = ChargeStatus.unknown
+    charge.failure_code = None
+    charge.next_attempt_at = utcnow()
+    _strikes.clear(charge.id)
+    wakeups.after_commit(db, DUE)
+    log.info("charge.replayed", charge_id=charge.id)
+    return charge
 
 
 def charges_of(db: Session, driver_id: str, limit: int = 100) -> list[Charge]:

@@ -33,6 +33,7 @@ class DeliveryStatus(StrEnum):
     pending = "pending"
     delivered = "delivered"
     failed = "failed"  # gave up after the last retry
+    parked = "parked"  # set aside after repeated unexpected errors, until ops replay it
 
 
 class Notification(Base):

@@ -35,13 +35,20 @@ class DeliveryFailed(Exception):
 
 
 class NotificationChannel(Protocol):
-    def send(self, db: Session, notification: Notification, target: str) -> None: ...
+    # A channel that writes its message into the database (the SMS sandbox) sends inside the
+    # delivery's transaction; one that talks to the network sends with no transaction open.
+    writes_to_db: bool
+
+    def send(self, db: Session | None, notification: Notification, target: str) -> None: ...
 
 
 class SmsSandbox:
     """The SMS port in sandbox mode: the message lands in `billing_sms`."""
 
-    def send(self, db: Session, notification: Notification, target: str) -> None:
+    writes_to_db = True
+
+    def send(self, db: Session | None, notification: Notification, target: str) -> None:
+        assert db is not None, "the SMS sandbox writes its outbox in the delivery's transaction"
         db.add(SmsMessage(phone=target, body=f"【CityPark】{notification.body}"))
 
 
@@ -96,6 +103,8 @@ def payload(notification: Notification) -> dict[str, Any]:
 
 
 class WebhookChannel:
+    writes_to_db = False
+
     def __init__(self, platform_secret: str, guard: UrlGuard, *, timeout: float = 5.0) -> None:
         self.platform_secret = platform_secret
         self.guard = guard
@@ -109,7 +118,7 @@ class WebhookChannel:
             limits=httpx.Limits(max_keepalive_connections=0),
         )
 
-    def send(self, db: Session, notification: Notification, target: str) -> None:
+    def send(self, db: Session | None, notification: Notification, target: str) -> None:
         webhook_id, _, url = target.partition(" ")
         try:
             checked = self.guard.check(url)

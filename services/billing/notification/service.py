@@ -28,6 +28,7 @@ from services.billing.notification.models import (
 )
 from services.billing.notification.port import DeliveryFailed, NotificationChannel
 from services.billing.notification.urlguard import UrlGuard
+from shared import workqueue
 from shared.db import new_id as _new_id
 from shared.errors import NotFound
 from shared.timeutil import utcnow
@@ -35,6 +36,7 @@ from shared.timeutil import utcnow
 log = structlog.get_logger(__name__)
 MAX_ATTEMPTS = 12
 MAX_BACKOFF = timedelta(minutes=30)
+LEASE = timedelta(seconds=30)  # longer than a webhook's 5 s timeout
 
 
 def muted_kinds(db: Session, driver_id: str) -> set[NotificationKind]:
@@ -172,7 +174,8 @@ def _backoff(delivery: Delivery, error: str) -> None:
 
 
 def deliver(db: Session, channels: dict[Channel, NotificationChannel], delivery: Delivery) -> None:
-    """Send one delivery once (the caller holds its row lock)."""
+    """Send one delivery once, inside the caller's transaction (tests and tools; the worker
+    uses `process_due`, which sends network deliveries with no transaction open)."""
     notification = db.get(Notification, delivery.notification_id)
     channel = channels.get(delivery.channel)
     if notification is None or channel is None:
@@ -184,35 +187,107 @@ def deliver(db: Session, channels: dict[Channel, NotificationChannel], delivery:
     except DeliveryFailed as exc:
         _backoff(delivery, str(exc))
         return
+    _delivered(delivery)
+
+
+def _delivered(delivery: Delivery) -> None:
     delivery.attempts += 1
     delivery.status = DeliveryStatus.delivered
     delivery.delivered_at = utcnow()
     delivery.last_error = None
 
 
+_strikes = workqueue.Strikes()
+
+
+def _step(
+    factory: sessionmaker[Session], channels: dict[Channel, NotificationChannel], did: str
+) -> None:
+    with factory() as db, db.begin():
+        delivery = workqueue.locked(db, Delivery, did)
+        if delivery is None or delivery.status != DeliveryStatus.pending:
+            return
+        channel = channels.get(delivery.channel)
+        if channel is None or getattr(channel, "writes_to_db", True):
+            deliver(db, channels, delivery)
+            return
+        notification = db.get(Notification, delivery.notification_id)
+        if notification is None:
+            deliver(db, channels, delivery)  # marks it failed
+            return
+        db.expunge(notification)  # read; sent below with no transaction (and no lock) open
+        target = delivery.target
+    try:
+        channel.send(None, notification, target)
+        error = None
+    except DeliveryFailed as exc:
+        error = str(exc)
+    with factory() as db, db.begin():
+        delivery = workqueue.locked(db, Delivery, did)
+        if delivery is None or delivery.status != DeliveryStatus.pending:
+            return
+        if error is None:
+            _delivered(delivery)
+        else:
+            _backoff(delivery, error)
+
+
+def _failed(factory: sessionmaker[Session], did: str, exc: Exception) -> None:
+    """The failure policy (shared/workqueue.py) for one delivery: it never blocks the others."""
+    park = workqueue.classify(exc) is not workqueue.Failure.transient and _strikes.hit(did)
+    try:
+        with factory() as db, db.begin():
+            delivery = workqueue.locked(db, Delivery, did)
+            if delivery is None or delivery.status != DeliveryStatus.pending:
+                return
+            delivery.last_error = repr(exc)[:300]
+            if park:
+                delivery.status = DeliveryStatus.parked
+            else:
+                delivery.next_attempt_at = utcnow() + timedelta(
+                    seconds=workqueue.backoff_s(delivery.attempts, base=1.0, cap=30.0)
+                )
+    except Exception as again:  # the database itself is away: the lease hands it back
+        log.warning("notification.failure_unrecorded", delivery_id=did, error=repr(again))
+        return
+    if park:
+        workqueue.PARKED.labels("deliveries").inc()
+        log.error("notification.parked", delivery_id=did, error=repr(exc))
+    else:
+        workqueue.RETRIES.labels("deliveries").inc()
+        log.warning("notification.retry", delivery_id=did, error=repr(exc))
+
+
 def process_due(
     factory: sessionmaker[Session], channels: dict[Channel, NotificationChannel], limit: int = 50
 ) -> int:
-    """Send deliveries that are due, one transaction each; returns how many were tried."""
-    with factory() as db:
-        ids = list(
-            db.scalars(
-                select(Delivery.id)
-                .where(
-                    Delivery.status == DeliveryStatus.pending,
-                    Delivery.next_attempt_at <= utcnow(),
-                )
-                .order_by(Delivery.next_attempt_at)
-                .limit(limit)
-            )
+    """Claim due deliveries (a lease), send each, record each answer in its own transaction;
+    returns how many were taken. Replicas share the work without sending one twice."""
+    with factory() as db, db.begin():
+        claimed = workqueue.claim_due(
+            db,
+            Delivery.id,
+            Delivery.next_attempt_at,
+            Delivery.status == DeliveryStatus.pending,
+            limit=limit,
+            lease=LEASE,
         )
-    for delivery_id in ids:
-        with factory() as db, db.begin():
-            query = select(Delivery).where(Delivery.id == delivery_id)
-            if db.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)  # replicas share the work
-            delivery = db.scalar(query)
-            if delivery is None or delivery.status != DeliveryStatus.pending:
-                continue
-            deliver(db, channels, delivery)
-    return len(ids)
+    for did in claimed:
+        try:
+            _step(factory, channels, did)
+            _strikes.clear(did)
+        except Exception as exc:
+            _failed(factory, did, exc)
+    return len(claimed)
+
+
+def replay_parked(db: Session, delivery_id: str) -> Delivery:
+    """Put a parked delivery back in the queue."""
+    delivery = workqueue.locked(db, Delivery, delivery_id)
+    if delivery is None or delivery.status != DeliveryStatus.parked:
+        raise NotFound("No parked delivery with this id")
+    delivery.status = DeliveryStatus.pending
+    delivery.next_attempt_at = utcnow()
+    _strikes.clear(delivery.id)
+    log.info("notification.replayed", delivery_id=delivery.id)
+    return delivery

@@ -26,6 +26,7 @@ class RefundStatus(StrEnum):
     unknown = "unknown"  # no answer in time: query before any resend
     succeeded = "succeeded"
     failed = "failed"
+    parked = "parked"  # set aside after repeated unexpected errors, until ops replay it
 
 
 class Dispute(Base):

@@ -10,6 +10,7 @@ reversing journal on the day the provider refunded (ledger.refund_lines).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
@@ -28,12 +29,13 @@ from services.billing.provider.port import (
     RefundResult,
 )
 from services.billing.refund.models import Dispute, DisputeStatus, Refund, RefundStatus
-from shared import wakeups
+from shared import wakeups, workqueue
 from shared.errors import NotFound, problem
 from shared.timeutil import utcnow
 
 log = structlog.get_logger(__name__)
 MAX_BACKOFF = timedelta(minutes=10)
+LEASE = timedelta(seconds=30)  # a worker's hold on a refund it is asking about
 
 ChargeNotDisputable = problem(
     409, "charge_not_disputable", "Only a captured charge can be disputed"
@@ -187,58 +189,155 @@ def _backoff(refund: Refund) -> None:
     )
 
 
-def advance(db: Session, providers: dict[str, PaymentProvider], refund: Refund) -> None:
-    """Move one refund one step along its state machine (the caller holds its row lock)."""
+@dataclass(frozen=True)
+class _Ask:
+    refund_id: str
+    charge_id: str
+    provider: str
+    amount_fen: int
+    query: bool  # the last send went unanswered: ask before sending again
+
+
+def _prepare(db: Session, refund: Refund) -> _Ask | None:
+    if refund.status not in (RefundStatus.pending, RefundStatus.unknown):
+        return None
     charge = db.get(Charge, refund.charge_id)
-    assert charge is not None
-    provider = providers[charge.provider or "sandbox"]
+    if charge is None:  # a refund always belongs to a charge; this is a bug, not an outage
+        raise LookupError(f"refund {refund.id} has no charge {refund.charge_id}")
+    return _Ask(
+        refund.id,
+        charge.id,
+        charge.provider or "sandbox",
+        refund.amount_fen,
+        refund.status == RefundStatus.unknown,
+    )
+
+
+def _ask(providers: dict[str, PaymentProvider], ask: _Ask) -> tuple[str, object]:
+    """One question to the provider with no transaction open: (`result`, RefundResult),
+    (`never_seen`, None), (`timeout`, None), (`unavailable`, None) or (`rejected`, code)."""
+    provider = providers[ask.provider]
     try:
-        if refund.status == RefundStatus.unknown:
-            result = provider.query_refund(refund.id)
-            if result is None:  # never seen: sending again is safe
-                refund.status = RefundStatus.pending
-                return
-        else:
-            result = provider.refund(
-                out_trade_no=charge.id, out_refund_no=refund.id, amount_fen=refund.amount_fen
-            )
+        if ask.query:
+            found = provider.query_refund(ask.refund_id)
+            return ("never_seen", None) if found is None else ("result", found)
+        return "result", provider.refund(
+            out_trade_no=ask.charge_id, out_refund_no=ask.refund_id, amount_fen=ask.amount_fen
+        )
     except ProviderTimeout:
+        return "timeout", None
+    except ProviderUnavailable:
+        return "unavailable", None
+    except ProviderRejected as exc:
+        return "rejected", exc.code
+
+
+def record(db: Session, refund: Refund, answer: str, value: object = None) -> None:
+    """Book the answer against the refund as it is now (read afresh under its row lock): a
+    signed notice may have settled it while the provider was being asked."""
+    if answer == "result" and isinstance(value, RefundResult):
+        if refund.status != RefundStatus.succeeded:
+            _succeed(db, refund, value)
+        return
+    if refund.status not in (RefundStatus.pending, RefundStatus.unknown):
+        return
+    if answer == "never_seen":
+        refund.status = RefundStatus.pending
+        refund.next_attempt_at = utcnow()
+    elif answer == "timeout":
         refund.status = RefundStatus.unknown
         _backoff(refund)
-        return
-    except ProviderUnavailable:
-        _backoff(refund)
-        return
-    except ProviderRejected as exc:
-        refund.status, refund.failure_code = RefundStatus.failed, exc.code
+    elif answer == "rejected":
+        refund.status, refund.failure_code = RefundStatus.failed, str(value)
         _settle_dispute(db, refund, DisputeStatus.refund_failed)
-        log.warning("refund.failed", refund_id=refund.id, code=exc.code)
+        log.warning("refund.failed", refund_id=refund.id, code=value)
+    else:
+        _backoff(refund)
+
+
+def advance(db: Session, providers: dict[str, PaymentProvider], refund: Refund) -> None:
+    """Move one refund one step inside one transaction (tests and tools; the worker uses
+    `process_due`, which keeps no transaction open while it asks)."""
+    ask = _prepare(db, refund)
+    if ask is not None:
+        answer, value = _ask(providers, ask)
+        record(db, refund, answer, value)
+
+
+_strikes = workqueue.Strikes()
+
+
+def _step(factory: sessionmaker[Session], providers: dict[str, PaymentProvider], rid: str) -> None:
+    with factory() as db, db.begin():
+        refund = workqueue.locked(db, Refund, rid)
+        ask = None if refund is None else _prepare(db, refund)
+    if ask is None:
         return
-    _succeed(db, refund, result)
+    answer, value = _ask(providers, ask)
+    with factory() as db, db.begin():
+        refund = workqueue.locked(db, Refund, rid)
+        if refund is not None:
+            record(db, refund, answer, value)
+
+
+def _failed(factory: sessionmaker[Session], rid: str, exc: Exception) -> None:
+    """The failure policy (shared/workqueue.py) for one refund: it never blocks the others."""
+    kind = workqueue.classify(exc)
+    park = kind is not workqueue.Failure.transient and _strikes.hit(rid)
+    try:
+        with factory() as db, db.begin():
+            refund = workqueue.locked(db, Refund, rid)
+            if refund is None or refund.status not in (RefundStatus.pending, RefundStatus.unknown):
+                return
+            if park:
+                refund.status = RefundStatus.parked
+                refund.failure_code = f"parked:{type(exc).__name__}"[:60]
+            else:
+                refund.next_attempt_at = utcnow() + timedelta(
+                    seconds=workqueue.backoff_s(refund.attempts, base=1.0, cap=30.0)
+                )
+    except Exception as again:  # the database itself is away: the lease hands it back
+        log.warning("refund.failure_unrecorded", refund_id=rid, error=repr(again))
+        return
+    if park:
+        workqueue.PARKED.labels("refunds").inc()
+        log.error("refund.parked", refund_id=rid, error=repr(exc))
+    else:
+        workqueue.RETRIES.labels("refunds").inc()
+        log.warning("refund.retry", refund_id=rid, error=repr(exc))
 
 
 def process_due(
     factory: sessionmaker[Session], providers: dict[str, PaymentProvider], limit: int = 20
 ) -> int:
-    with factory() as db:
-        ids = list(
-            db.scalars(
-                select(Refund.id)
-                .where(
-                    Refund.status.in_([RefundStatus.pending, RefundStatus.unknown]),
-                    Refund.next_attempt_at <= utcnow(),
-                )
-                .order_by(Refund.next_attempt_at)
-                .limit(limit)
-            )
+    """Claim due refunds (a lease), ask the provider with no transaction open, record each
+    answer in its own transaction; returns how many were taken."""
+    with factory() as db, db.begin():
+        claimed = workqueue.claim_due(
+            db,
+            Refund.id,
+            Refund.next_attempt_at,
+            Refund.status.in_([RefundStatus.pending, RefundStatus.unknown]),
+            limit=limit,
+            lease=LEASE,
         )
-    for refund_id in ids:
-        with factory() as db, db.begin():
-            query = select(Refund).where(Refund.id == refund_id)
-            if db.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            refund = db.scalar(query)
-            if refund is None or refund.status not in (RefundStatus.pending, RefundStatus.unknown):
-                continue
-            advance(db, providers, refund)
-    return len(ids)
+    for rid in claimed:
+        try:
+            _step(factory, providers, rid)
+            _strikes.clear(rid)
+        except Exception as exc:
+            _failed(factory, rid, exc)
+    return len(claimed)
+
+
+def replay_parked(db: Session, refund_id: str) -> Refund:
+    """Put a parked refund back in the queue, asked about first (`unknown`)."""
+    refund = workqueue.locked(db, Refund, refund_id)
+    if refund is None or refund.status != RefundStatus.parked:
+        raise NotFound("No parked refund with this id")
+    refund.status = RefundStatus.unknown
+    refund.failure_code = None
+    refund.next_attempt_at = utcnow()
+    _strikes.clear(refund.id)
+    log.info("refund.replayed", refund_id=refund.id)
+    return refund
