@@ -357,8 +357,9 @@ def test_two_racing_runs_pay_a_late_item_once(
         t.join(timeout=60)
     assert errors == []
     assert owed_to(factory, op) == 0  # every late item was paid
-    # PostgreSQL: both runs had read the same late journals when they began to insert
-    assert overlapped == [factory.kw["bind"].dialect.name == "postgresql"] * 2
+    if factory.kw["bind"].dialect.name == "postgresql":
+        # both runs had read the same late journals when they began to insert
+        assert overlapped == [True, True]
     carried = [a["reference"] for d in (DAY2, DAY3) for a in of(results[d], op)["adjustments"]]
     assert sorted(carried) == sorted([*late, late_refund])  # each once, by one run or the other
     assert owed_to(factory, op) == 0
