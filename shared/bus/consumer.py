@@ -229,7 +229,8 @@ class ConsumerLoop:
     def _handle_all(self, messages: list[Message]) -> list[Message]:
         """Handle a poll; returns the messages done (a prefix, shorter only when stopping)."""
         batch = getattr(self.handler, "batch", None)
-        if batch is not None and len(messages) > 1:
+        decodable = all(m.undecodable is None for m in messages)
+        if batch is not None and len(messages) > 1 and decodable:
             try:
                 batch(messages)
                 self.handled += len(messages)

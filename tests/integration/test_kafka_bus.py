@@ -6,11 +6,14 @@ import threading
 import uuid
 
 import pytest
+from kafka import KafkaProducer
 from pydantic import BaseModel
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.bus.consumer import ConsumerLoop, idempotent
+from shared.bus.consumer import ConsumerLoop, dead_letter_to_db, idempotent
 from shared.bus.kafka import KafkaBus, KafkaSubscription
+from shared.bus.models import DeadLetter
 from shared.bus.port import Message
 from shared.events import CloudEvent, EventType, new_event
 from shared.settings import Settings
@@ -101,3 +104,46 @@ def test_consumer_loop_retries_in_order_and_dedupes(
         stop.set()
         thread.join(timeout=15)
     assert seen == [1, 2]  # the duplicate of 1 was skipped at the door, order kept
+
+
+def test_a_record_that_does_not_decode_is_set_aside_alone_and_its_fetch_is_kept(
+    settings: Settings, topic: str, factory: sessionmaker[Session]
+) -> None:
+    """A broken record in the middle of a fetch: the records around it, fetched with it, are
+    handled; it alone is dead-lettered with its raw bytes; the group commits past all of it."""
+    bus = KafkaBus(settings.kafka_bootstrap)
+    raw = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap.split(","), acks="all")
+    bus.publish_many([(topic, "k", event(1)), (topic, "k", event(2))])
+    raw.send(topic, key=b"k", value=b"\xff not an event").get(timeout=15)
+    bus.publish_many([(topic, "k", event(3)), (topic, "k", event(4))])
+    raw.close()
+    seen: list[int] = []
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    stop = threading.Event()
+    loop = ConsumerLoop(
+        group,
+        KafkaSubscription(settings.kafka_bootstrap, group, [topic]),
+        idempotent(factory, group, lambda _db, m: seen.append(m.event.data["n"])),
+        stop=stop,
+        dead_letter=dead_letter_to_db(factory, group),
+    )
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    try:
+        for _ in range(100):
+            if len(seen) >= 4:
+                break
+            stop.wait(0.2)
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+    assert seen == [1, 2, 3, 4]
+    with factory() as db:
+        dead = db.scalars(select(DeadLetter).where(DeadLetter.consumer == group)).all()
+    assert [(d.reason, d.topic) for d in dead] == [("undecodable", topic)]
+    assert "not an event" in dead[0].payload
+    after = KafkaSubscription(settings.kafka_bootstrap, group, [topic])
+    try:
+        assert drain(after, 1, rounds=6) == []  # committed past the broken record too
+    finally:
+        after.close()
