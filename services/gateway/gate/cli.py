@@ -36,7 +36,7 @@ def _settings() -> Settings:
 
 @app.command("rebuild")
 def rebuild_command(
-    page_size: int = typer.Option(1000, min=1, max=5000, help="Records per internal call."),
+    page_size: int = typer.Option(2000, min=1, max=5000, help="Records per internal call."),
     wait: float = typer.Option(60.0, min=0, help="Seconds to wait for a rebuild already running."),
 ) -> None:
     """Rebuild the gate state from billing's drivers and the open sessions, in place.

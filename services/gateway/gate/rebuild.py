@@ -22,6 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -40,7 +41,7 @@ MARKER = f"{P}gate:marker"
 LOCK = f"{P}gate:rebuilding"
 CHECK_INTERVAL_S = 2.0  # how soon a running gateway notices that Redis lost its data
 LOCK_TTL_S = 30  # a rebuilder that died frees the way for another after this long
-PAGE_SIZE = 1000
+PAGE_SIZE = 2000
 MAX_BACKOFF_S = 30.0
 
 # Progress: (phase, done so far, total or None when not known yet).
@@ -200,19 +201,29 @@ def _rebuild_locked(rt: Runtime, token: str, progress: Progress, page_size: int)
 def _pages(
     rt: Runtime, service: str, path: str, page_size: int
 ) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
-    after: str | None = None
-    total: int | None = None
-    while True:
+    """The service's records page by page; the next page is fetched while the caller
+    writes this one, so the service's time and Redis's time overlap."""
+
+    def fetch(after: str | None) -> dict[str, Any]:
         query = {"limit": page_size} | ({"after": after} if after else {})
         # Looked up on every page: a test (or an operator) may swap the client meanwhile.
-        answer = rt.internal(service).call("GET", f"{path}?{urlencode(query)}")
-        if answer.get("total") is not None:
-            total = int(answer["total"])
-        if answer["items"]:
-            yield answer["items"], total
-        after = answer.get("next")
-        if not after:
-            return
+        answer: dict[str, Any] = rt.internal(service).call("GET", f"{path}?{urlencode(query)}")
+        return answer
+
+    total: int | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-rebuild") as pool:
+        coming = pool.submit(fetch, None)
+        while True:
+            answer = coming.result()
+            after = answer.get("next")
+            if after:
+                coming = pool.submit(fetch, after)
+            if answer.get("total") is not None:
+                total = int(answer["total"])
+            if answer["items"]:
+                yield answer["items"], total
+            if not after:
+                return
 
 
 def _complete(r: redis.Redis, lost_at: int, **figures: int | str) -> None:

@@ -61,20 +61,27 @@ def apply_accounts(r: redis.Redis, snapshots: list[AccountUpdated]) -> int:
 def _apply_watched(pipe: redis.client.Pipeline, batch: list[AccountUpdated]) -> int:
     dkeys = [f"{P}driver:{d.driver_id}" for d in batch]
     pipe.watch(*dkeys)
-    # One round trip for all reads, on a second connection: they happen after the WATCH,
+    # Reads in one round trip each, on a second connection: they happen after the WATCH,
     # so any write to these keys from now on still aborts the EXEC below.
     reader = pipe.pipeline(transaction=False)
     for dkey in dkeys:
         reader.hget(dkey, "version")
-        reader.smembers(f"{dkey}:vehicles")
-    read = reader.execute()
+    versions = reader.execute()
+    newer = [
+        (data, current is not None)
+        for data, current in zip(batch, versions, strict=True)
+        if current is None or int(current) < data.version
+    ]
+    # Only a driver we knew has vehicles to forget (none at all right after a loss).
+    for data, known in newer:
+        if known:
+            reader.smembers(f"{P}driver:{data.driver_id}:vehicles")
+    held = iter(reader.execute())
     fresh: list[tuple[AccountUpdated, set[str], set[str]]] = []
-    for i, data in enumerate(batch):
-        current = read[2 * i]
-        if current is not None and int(current) >= data.version:
-            continue
+    for data, known in newer:
         new = {vehicle_key(v.plate, v.plate_color) for v in data.vehicles}
-        fresh.append((data, set(read[2 * i + 1]) - new, new))
+        old: set[str] = set(next(held)) if known else set()
+        fresh.append((data, old - new, new))
     if not fresh:
         pipe.unwatch()
         return 0
@@ -85,22 +92,34 @@ def _apply_watched(pipe: redis.client.Pipeline, batch: list[AccountUpdated]) -> 
     if dropped:
         pipe.watch(*[f"{P}vehicle:{vk}" for _, vk in dropped])
         owners = list(pipe.mget([f"{P}vehicle:{vk}" for _, vk in dropped]))
-    pipe.multi()
-    for (driver_id, vk), owner in zip(dropped, owners, strict=True):
-        if owner is None or owner == driver_id:
-            pipe.delete(f"{P}vehicle:{vk}")
-            pipe.srem(f"{P}eligible", hashlib.sha256(vk.encode()).hexdigest())
+    # Few commands for many drivers (a rebuild writes a thousand at a time): one DEL, MSET,
+    # SREM and SADD for the whole batch, then a set and a hash per driver.
+    gone = [
+        vk
+        for (driver_id, vk), owner in zip(dropped, owners, strict=True)
+        if owner is None or owner == driver_id
+    ]
+    owned: dict[str, str] = {}
+    allowed: list[str] = []
+    barred: list[str] = []
     for data, _, new in fresh:
-        dkey = f"{P}driver:{data.driver_id}"
         eligible = data.postpay == PostpayStatus.active
         for vk in new:
-            pipe.set(f"{P}vehicle:{vk}", data.driver_id)
-            h = hashlib.sha256(vk.encode()).hexdigest()
-            if eligible:
-                pipe.sadd(f"{P}eligible", h)
-            else:
-                pipe.srem(f"{P}eligible", h)
-        pipe.delete(f"{dkey}:vehicles")
+            owned[f"{P}vehicle:{vk}"] = data.driver_id
+            (allowed if eligible else barred).append(hashlib.sha256(vk.encode()).hexdigest())
+    pipe.multi()
+    if gone:
+        pipe.delete(*[f"{P}vehicle:{vk}" for vk in gone])
+        pipe.srem(f"{P}eligible", *[hashlib.sha256(vk.encode()).hexdigest() for vk in gone])
+    if owned:
+        pipe.mset(owned)
+    if barred:
+        pipe.srem(f"{P}eligible", *barred)
+    if allowed:
+        pipe.sadd(f"{P}eligible", *allowed)
+    pipe.delete(*[f"{P}driver:{data.driver_id}:vehicles" for data, _, _ in fresh])
+    for data, _, new in fresh:
+        dkey = f"{P}driver:{data.driver_id}"
         if new:
             pipe.sadd(f"{dkey}:vehicles", *new)
         pipe.hset(dkey, mapping={"version": data.version, "postpay": data.postpay.value})
