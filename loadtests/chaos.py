@@ -124,6 +124,8 @@ class Report:
     faults_injected: dict[str, int] = field(default_factory=dict)
     fault_log: list[dict[str, Any]] = field(default_factory=list)
     unexpected_exits: dict[str, list[int]] = field(default_factory=dict)
+    # per part: how many warning/error log lines of each event, to know where to look
+    log_digest: dict[str, dict[str, int]] = field(default_factory=dict)
     drain: dict[str, Any] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
@@ -293,6 +295,29 @@ def _sdk_log_to(path: Path) -> None:
     sdk.addHandler(handler)
     sdk.setLevel(logging.INFO)
     sdk.propagate = False
+
+
+def _log_digest(logs: Path) -> dict[str, dict[str, int]]:
+    """Warning and error lines per part, by event name (JSON logs) or logger (the rest)."""
+    digest: dict[str, dict[str, int]] = {}
+    for path in sorted(logs.glob("*.log")):
+        if path.name in ("infra.log", "redis.log", "postgres.log", "kafka-server.log"):
+            continue
+        counts: Counter[str] = Counter()
+        with path.open(errors="replace") as f:
+            for line in f:
+                if line.startswith("{"):
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue
+                    if entry.get("level") in ("warning", "error", "critical"):
+                        counts[f"{entry['level']} {entry.get('event')}"] += 1
+                elif line.startswith(("WARNING:", "ERROR:")) or " WARNING " in line:
+                    counts[" ".join(line.split(":", 2)[:2]).split(" citypark")[0][:80]] += 1
+        if counts:
+            digest[path.stem] = dict(counts.most_common(12))
+    return digest
 
 
 def _copy_infra_logs(cfg: InfraConfig, logs: Path) -> None:
@@ -488,6 +513,7 @@ def chaos(
             )
         )
         report.checks = [asdict(c) for c in checks]
+        report.log_digest = _log_digest(logs)
         report.verdict = "pass" if all(c.ok for c in checks) else "fail"
         console.print(_summary_table(checks))
         for c in checks:
@@ -549,7 +575,7 @@ def main(
         int | None, typer.Option(min=10, help="Enrolled drivers (default 600; quick 200).")
     ] = None,
     drain_timeout: Annotated[
-        float | None, typer.Option(help="Seconds to wait for the city to drain (300; quick 150).")
+        float | None, typer.Option(help="Seconds to wait for the city to drain (300; quick 120).")
     ] = None,
     pg_port: Annotated[int, typer.Option(help="The run's PostgreSQL port.")] = 25432,
     redis_port: Annotated[int, typer.Option(help="The run's Redis port.")] = 26379,
@@ -579,7 +605,7 @@ def main(
         rounds=rounds or (1 if quick else 2),
         lots_per_district=lots_per_district,
         drivers=drivers or (200 if quick else 600),
-        drain_timeout_s=drain_timeout or (150.0 if quick else 300.0),
+        drain_timeout_s=drain_timeout or (120.0 if quick else 300.0),
         log_level=log_level,
         keep_infra=keep_infra,
     )

@@ -369,9 +369,60 @@ def _dead_letters(engine: Engine, poison: list[Poison]) -> Check:
     )
 
 
+def _offline(engine: Engine, exp: Expectations) -> Check:
+    """What a gate answered without the city stands: an offline post-pay is recorded post-pay
+    (the driver pays afterwards), an offline pay-at-gate is never charged."""
+    with engine.connect() as c:
+        rows = c.execute(
+            text(
+                "SELECT s.exit_event_id, s.decision, s.reason, count(ch.id) AS charges "
+                "FROM sessions_session s LEFT JOIN billing_charge ch ON ch.session_id = s.id "
+                "WHERE s.exit_event_id IS NOT NULL "
+                "GROUP BY s.exit_event_id, s.decision, s.reason"
+            )
+        ).all()
+    by_exit = {r.exit_event_id: r for r in rows}
+    promised, broken, paid_twice = 0, [], []
+    at_gate = 0
+    for p, out in zip(exp.parkings, exp.outcomes, strict=True):
+        if not out.offline:
+            continue
+        key = f"{exp.lots[p.lot].lot_id}/{p.exit_id}"
+        session = by_exit.get(key)
+        if session is None:
+            continue  # not closed at all: the exits check names it
+        if out.decision == "postpay":
+            promised += 1
+            if session.decision not in ("postpay", "free"):
+                broken.append(f"{p.exit_id} recorded {session.decision} ({session.reason})")
+        elif out.decision == "pay_on_site":
+            at_gate += 1
+            if session.charges:
+                paid_twice.append(p.exit_id)
+    return Check(
+        "gate decisions taken offline were honoured",
+        not (broken or paid_twice),
+        {
+            "offline_postpay_exits": promised,
+            "offline_postpay_not_recorded_postpay": len(broken),
+            "offline_pay_at_gate_exits": at_gate,
+            "offline_pay_at_gate_charged": len(paid_twice),
+        },
+        "; ".join(
+            f"{what}: {ids[:SAMPLE]}"
+            for what, ids in (
+                ("offline post-pay exits (exit event id) not recorded post-pay", broken),
+                ("paid at the gate, charged again (exit event id)", paid_twice),
+            )
+            if ids
+        ),
+    )
+
+
 def run_checks(engine: Engine, exp: Expectations, sdk_pending: int) -> list[Check]:
     return [
         _exits(engine, exp),
+        _offline(engine, exp),
         _charges(engine),
         _money(engine),
         _ledger(engine),
