@@ -13,6 +13,7 @@ import typer
 import uvicorn
 from rich.console import Console
 
+from services.deadletters_cli import app as deadletters_app
 from services.gateway.gate.cli import app as gate_app
 from shared.auth import Role
 from shared.logging import configure_logging
@@ -26,6 +27,7 @@ app.add_typer(ledger_app, name="ledger")
 districts_app = typer.Typer(help="District platforms: backfill.", no_args_is_help=True)
 app.add_typer(districts_app, name="districts")
 app.add_typer(gate_app, name="gate")
+app.add_typer(deadletters_app, name="deadletters")
 console = Console(stderr=True)
 
 
@@ -69,7 +71,7 @@ def _exit_zero_on_sigterm() -> None:
 
 
 def _serve(application: object, host: str, port: int) -> None:
-    from shared.shutdown import HTTP_DRAIN_S, Shutdown, arm_hard_exit
+    from shared.shutdown import HTTP_DRAIN_S, Shutdown, arm_hard_exit, exit_now
 
     workers: Shutdown | None = getattr(getattr(application, "state", None), "shutdown", None)
 
@@ -81,6 +83,7 @@ def _serve(application: object, host: str, port: int) -> None:
             if workers is not None:
                 workers.begin(requests_in_flight=len(self.server_state.tasks))
             await super().shutdown(sockets)
+            exit_now()  # requests drained, workers joined, the line logged: nothing is left
 
     _exit_zero_on_sigterm()
     config = uvicorn.Config(
@@ -96,7 +99,7 @@ def _serve(application: object, host: str, port: int) -> None:
 def _run_district(settings: Settings, code: str, metrics_port: int | None = None) -> None:
     from services.lots.districts import adapter
     from shared.runtime import Runtime
-    from shared.shutdown import Shutdown, arm_hard_exit, log_stopped, start_workers
+    from shared.shutdown import Shutdown, arm_hard_exit, exit_now, log_stopped, start_workers
 
     rt = Runtime(settings, source=f"district-{code}")
     if metrics_port:  # the adapter has no HTTP API; Prometheus scrapes this port
@@ -114,6 +117,7 @@ def _run_district(settings: Settings, code: str, metrics_port: int | None = None
     arm_hard_exit()
     stopped, running = shutdown.join(threads)
     log_stopped(shutdown, stopped, running, district=code)
+    exit_now()
 
 
 @app.command()

@@ -8,7 +8,8 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -134,5 +135,10 @@ def make_app(title: str, description: str, *, version: str = "0.1.0") -> FastAPI
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """This process's Prometheus metrics (retries, dead letters, parked work …)."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

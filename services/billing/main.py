@@ -16,6 +16,7 @@ from services.billing.provider.sandbox import SandboxProvider
 from services.billing.reconciliation import endpoints as reconciliation_endpoints
 from services.billing.refund import endpoints as refund_endpoints
 from services.billing.settlement import endpoints as settlement_endpoints
+from services.billing.stuck import endpoints as stuck_endpoints
 from shared.runtime import Migrations, Part, Runtime
 from shared.settings import Settings
 
@@ -58,6 +59,7 @@ part = Part(
         merchant_endpoints.admin,
         merchant_endpoints.merchant,
         invoice_endpoints.me,
+        stuck_endpoints.internal,
         notification_endpoints.me,
     ],
     workers=consumers.workers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.gateway.connector import endpoints as connector
+from services.gateway.deadletters import endpoints as deadletters
 from services.gateway.districts import endpoints as districts
 from services.gateway.gate import consumers
 from services.gateway.ops import endpoints as ops
@@ -12,7 +13,7 @@ from shared.runtime import Migrations, Part
 
 part = Part(
     name="gateway",
-    routers=[connector.router, districts.router, ops.router],
+    routers=[connector.router, districts.router, ops.router, deadletters.router],
     workers=consumers.workers,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_gateway"),
 )

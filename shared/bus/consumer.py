@@ -118,6 +118,7 @@ def dead_letter_to_db(factory: sessionmaker[Session], consumer: str) -> DeadLett
                 DeadLetter(
                     consumer=consumer,
                     topic=message.topic,
+                    key=message.key,
                     event_id=message.event.id,
                     payload=message.raw
                     if message.undecodable is not None

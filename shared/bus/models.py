@@ -65,4 +65,5 @@ class DeadLetter(Base):
     error: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(default=utcnow)
     reason: Mapped[str] = mapped_column(String(20), default="bad_data", server_default="bad_data")
+    key: Mapped[str | None] = mapped_column(String(200), default=None)  # to replay in order
     replayed_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -23,6 +23,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("reason", sa.String(length=20), server_default="bad_data", nullable=False)
         )
+        batch_op.add_column(sa.Column("key", sa.String(length=200), nullable=True))
         batch_op.add_column(
             sa.Column("replayed_at", shared.db.UTCDateTime(timezone=True), nullable=True)
         )
@@ -33,4 +34,5 @@ def downgrade() -> None:
     with op.batch_alter_table("bus_dead_letter", schema=None) as batch_op:
         batch_op.drop_index("ix_bus_dead_letter_open")
         batch_op.drop_column("replayed_at")
+        batch_op.drop_column("key")
         batch_op.drop_column("reason")
