@@ -251,7 +251,7 @@ def test_the_whole_city_stops_within_10_s_under_load_and_keeps_what_it_accepted(
 def _group_is_busy(kafka: str, group: str) -> bool:
     admin = KafkaAdminClient(bootstrap_servers=kafka)
     try:
-        return any(d.members for d in admin.describe_consumer_groups([group]))
+        return any(d.get("members") for d in admin.describe_groups([group]).values())
     finally:
         admin.close()
 
