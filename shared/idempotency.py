@@ -14,6 +14,8 @@ What is remembered, and what releases the key so that a retry runs again:
   them would turn every retry into the same refusal for a day.
 * 5xx answers, an exception, a cancelled request (the server shutting down past its grace
   period) and a request that never answered release the key at once.
+* A client that goes away while its request runs does not stop it: the answer is remembered
+  and the client's retry gets it, so the work is not done twice.
 * A running request holds its key on a lease of `LEASE_S`, renewed while it runs: if the
   process dies without running any of this code (killed, out of memory), the key is free again
   within `LEASE_S`, never held for the day.

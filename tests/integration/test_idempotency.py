@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import redis
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
@@ -271,3 +276,39 @@ def test_answers_stay_readable_across_a_secret_rotation(settings: Settings) -> N
         lost = client.post("/v1/auth/token", **request)
         assert lost.status_code == 409
         assert lost.json()["code"] == "idempotency_answer_unreadable"
+
+
+def test_a_client_that_goes_away_gets_the_answer_on_its_retry(settings: Settings) -> None:
+    """The request runs on when its client disconnects: the retry is answered from memory,
+    the work is not done twice."""
+    app, _, _ = _app(settings)
+    calls: list[int] = []
+
+    @app.post("/v1/slow-write")
+    def slow_write() -> JSONResponse:
+        time.sleep(1.0)
+        calls.append(1)
+        return JSONResponse({"done": len(calls)}, status_code=201)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        while not server.started:
+            time.sleep(0.05)
+        h = {"Idempotency-Key": "k-gone"}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/slow-write", headers=h, json={}, timeout=0.3)
+        time.sleep(1.5)  # the first request finished meanwhile
+        retry = httpx.post(base + "/v1/slow-write", headers=h, json={}, timeout=5)
+        assert retry.status_code == 201
+        assert retry.json() == {"done": 1}
+        assert retry.headers["idempotent-replayed"] == "true"
+        assert calls == [1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
