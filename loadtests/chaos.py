@@ -83,6 +83,11 @@ class Fault:
     error: str | None = None
 
     @property
+    def group(self) -> str:
+        """The kind of fault, counted together: any district adapter is `kill district`."""
+        return f"{self.kind} {'district' if self.target.startswith('district-') else self.target}"
+
+    @property
     def label(self) -> str:
         extra = f" (down {self.down_s:.1f} s)" if self.down_s else ""
         return f"{self.kind} {self.target}{extra}"
@@ -355,7 +360,7 @@ def chaos(
     )
     window = sessions / rate
     faults = schedule(seed, window, rounds)
-    report.faults_planned = dict(Counter(f"{f.kind} {f.target.split('-')[0]}" for f in faults))
+    report.faults_planned = dict(Counter(f.group for f in faults))
     console.rule(f"chaos run: seed {seed}, {sessions:,} parkings at {rate:g}/s (~{window:.0f} s)")
     console.print("fault schedule (seconds after the traffic starts):")
     for f in faults:
@@ -476,9 +481,7 @@ def chaos(
             )
         report.traffic = traffic.figures()
         report.fault_log = [asdict(f) for f in faults]
-        report.faults_injected = dict(
-            Counter(f"{f.kind} {f.target.split('-')[0]}" for f in faults if f.done)
-        )
+        report.faults_injected = dict(Counter(f.group for f in faults if f.done))
         report.unexpected_exits = {
             p.name: p.unexpected_exits for p in city.parts.values() if p.unexpected_exits
         }
