@@ -319,7 +319,8 @@ def _log_digest(logs: Path) -> dict[str, dict[str, int]]:
                     if entry.get("level") in ("warning", "error", "critical"):
                         counts[f"{entry['level']} {entry.get('event')}"] += 1
                 elif line.startswith(("WARNING:", "ERROR:")) or " WARNING " in line:
-                    counts[" ".join(line.split(":", 2)[:2]).split(" citypark")[0][:80]] += 1
+                    head = " ".join(" ".join(line.split(":", 2)[:2]).split())
+                    counts[head.split(" citypark")[0][:80]] += 1
         if counts:
             digest[path.stem] = dict(counts.most_common(12))
     return digest
