@@ -90,6 +90,7 @@ def build_app(
     for part in parts:
         for router in part.routers:
             app.include_router(router)
+        part.on_app(app, rt)
     if forward:
         app.include_router(proxy.make_router(rt.settings))
     if mount_sandbox is not None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +24,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from shared.timeutil import as_utc
@@ -119,6 +124,12 @@ def _real_sqlite_transactions(engine: Engine) -> None:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
+    # Writers of one process queue on a lock of their own before asking SQLite: SQLite's busy
+    # handler polls with sleeps of up to 100 ms, so under contention the lock sits free while
+    # the waiters sleep, and throughput collapses. Another process on the same file (a CLI
+    # command) still meets SQLite's own busy timeout.
+    queue = _writer_queue(engine.url.database or "")
+
     @event.listens_for(engine, "begin")
     def _sqlite_begin(conn: Connection) -> None:
         options = conn.get_execution_options()
@@ -126,8 +137,50 @@ def _real_sqlite_transactions(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
             return
         wait_ms = int(options.get(BUSY_TIMEOUT_MS, SQLITE_BUSY_TIMEOUT_MS))
-        conn.exec_driver_sql(f"PRAGMA busy_timeout={wait_ms}")
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        if not queue.acquire(timeout=wait_ms / 1000):
+            raise OperationalError(
+                "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
+            )
+        conn.info[_HOLDS_WRITER_QUEUE] = queue
+        try:
+            left_ms = max(1, wait_ms - int((time.monotonic() - started) * 1000))
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={left_ms}")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _leave_queue(conn.info)
+            raise
+
+    @event.listens_for(engine, "commit")
+    def _sqlite_commit(conn: Connection) -> None:
+        _leave_queue(conn.info)
+
+    @event.listens_for(engine, "rollback")
+    def _sqlite_rollback(conn: Connection) -> None:
+        _leave_queue(conn.info)
+
+    @event.listens_for(engine.pool, "checkin")
+    def _sqlite_checkin(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:  # a safety net: a connection never goes back still queued
+            _leave_queue(record.info)
+
+
+_HOLDS_WRITER_QUEUE = "citypark_writer_queue"
+_writer_queues: dict[str, threading.Lock] = {}
+_writer_queues_guard = threading.Lock()
+
+
+def _writer_queue(database: str) -> threading.Lock:
+    """One queue per database file and process, whichever engines open it."""
+    key = os.path.realpath(database) if database and database != ":memory:" else database
+    with _writer_queues_guard:
+        return _writer_queues.setdefault(key, threading.Lock())
+
+
+def _leave_queue(info: dict[Any, Any]) -> None:
+    queue = info.pop(_HOLDS_WRITER_QUEUE, None)
+    if queue is not None:
+        queue.release()
 
 
 def make_sessionmaker(

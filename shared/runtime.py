@@ -91,6 +91,8 @@ class Part:
     workers: Callable[[Runtime], list[Worker]] = lambda rt: []
     migrations: Migrations | None = None
     on_startup: Callable[[Runtime], None] = lambda rt: None
+    # Middleware the part puts in front of the app it is served in (e.g. admission control).
+    on_app: Callable[[FastAPI, Runtime], None] = lambda app, rt: None
 
 
 def attach(app: FastAPI, rt: Runtime) -> None:

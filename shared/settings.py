@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     connector_rate_limit_window_s: int = Field(
         1, ge=1, description="The connector rate-limit window, in whole seconds."
     )
+    connector_max_in_flight: int = Field(
+        48,
+        ge=1,
+        description="Connector requests one gateway process works on at once; past it the city "
+        "pushes back at once (429 `city_busy` with Retry-After) instead of letting car parks "
+        "wait into their timeouts.",
+    )
 
     # Drivers' webhooks (the URL must lead to the public internet).
     webhook_allow_http: bool = Field(

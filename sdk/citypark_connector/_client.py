@@ -700,7 +700,13 @@ class ConnectorClient:
     ) -> _Outcome:
         self.outbox.mark_failed(event_ids, message)
         delay = self._backoff.failed(retry_after)
-        log.warning("citypark: delivery failed (%s); retrying in %.1f s", message, delay)
+        if error is not None and error.http_status == 429:
+            # The city pushing back is not a failure: the events wait in the outbox as asked.
+            log.info(
+                "citypark: the city asked to wait (%s); sending again in %.1f s", message, delay
+            )
+        else:
+            log.warning("citypark: delivery failed (%s); retrying in %.1f s", message, delay)
         return _Outcome("failed", error=error)
 
     def _entry_result(self, event: OutboxEvent, outcome: _Outcome | None) -> EntryResult:
@@ -778,7 +784,7 @@ class ConnectorClient:
                 problem = _problem_of(response, error)
                 self.outbox.mark_rejected([(i, problem) for i in ids])
                 return len(ids)
-            self._record_failure(ids, str(error), error.retry_after)
+            self._record_failure(ids, str(error), error.retry_after, error)
             return 0
         data = _json_object(response)
         delivered: list[tuple[str, dict[str, Any]]] = []

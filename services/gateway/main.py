@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastapi import FastAPI
+
 from services.gateway.connector import endpoints as connector
+from services.gateway.connector.admission import Admission
 from services.gateway.deadletters import endpoints as deadletters
 from services.gateway.districts import endpoints as districts
 from services.gateway.gate import consumers
 from services.gateway.ops import endpoints as ops
-from shared.runtime import Migrations, Part
+from shared.runtime import Migrations, Part, Runtime
+
+
+def _admission(app: FastAPI, rt: Runtime) -> None:
+    app.add_middleware(Admission, limit=rt.settings.connector_max_in_flight)
+
 
 part = Part(
     name="gateway",
     routers=[connector.router, districts.router, ops.router, deadletters.router],
     workers=consumers.workers,
+    on_app=_admission,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_gateway"),
 )
