@@ -88,11 +88,12 @@ def install_problem_handlers(app: FastAPI) -> None:
         # moment. The client is told to come back, and nothing of the request was kept.
         busy = "database is locked" in str(exc.orig)
         status, code = (429, "city_busy") if busy else (503, "database_unavailable")
-        log.warning(
-            "http.database_busy" if busy else "http.database_unavailable",
-            path=request.url.path,
-            error=str(exc.orig)[:200],
-        )
+        if busy:
+            log.warning("http.city_busy", path=request.url.path, waited_for="write lock")
+        else:
+            log.warning(
+                "http.database_unavailable", path=request.url.path, error=str(exc.orig)[:200]
+            )
         response = problem_response(
             status,
             code,

@@ -844,8 +844,11 @@ class ConnectorClient:
                 self.refresh_eligibility()
                 self._next_refresh = time.monotonic() + self.eligibility_refresh_s
             except (httpx.HTTPError, ConnectorError, ValueError, KeyError) as exc:
-                log.warning("citypark: eligibility refresh failed: %s", exc)
-                self._next_refresh = time.monotonic() + min(15.0, self.eligibility_refresh_s)
+                busy = isinstance(exc, ConnectorError) and exc.http_status == 429
+                # The city asking to wait is not a failure: the snapshot in hand stays in use.
+                (log.info if busy else log.warning)("citypark: eligibility refresh failed: %s", exc)
+                wait = max(exc.retry_after or 1.0, 1.0) if busy else 15.0  # type: ignore[union-attr]
+                self._next_refresh = time.monotonic() + min(wait, self.eligibility_refresh_s)
         while not self._stop.is_set() and self._backoff.ready() and self._flush_once() > 0:
             pass
 

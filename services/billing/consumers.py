@@ -38,9 +38,12 @@ def closed_sessions_handler(rt: Runtime) -> BatchHandler:
 
     def one(message: Message) -> None:
         closed = SessionClosed.model_validate(message.event.data)
+        lots = rt.internal("lots")
+        # Priced before the transaction: no write lock is held while lots answers.
+        price = charges.prices_for(lots, [closed]).get(closed.session_id)
         with rt.sessionmaker() as db, db.begin():
             if first_time(db, GROUP, message.event.id):
-                charges.open_charge(db, rt.internal("lots"), closed)
+                charges.open_charge(db, lots, closed, price)
 
     def many(messages: list[Message]) -> None:
         closed = [SessionClosed.model_validate(m.event.data) for m in messages]

@@ -15,8 +15,17 @@ from services.gateway.ops import endpoints as ops
 from shared.runtime import Migrations, Part, Runtime
 
 
+# The embedded city serves the connector API from the process that also runs every consumer and
+# worker under one interpreter lock: fewer requests at once keep each one within the car
+# park's timeout, the rest are told to come back.
+EMBEDDED_MAX_IN_FLIGHT = 12
+
+
 def _admission(app: FastAPI, rt: Runtime) -> None:
-    app.add_middleware(Admission, limit=rt.settings.connector_max_in_flight)
+    limit = rt.settings.connector_max_in_flight
+    if rt.source == "city":
+        limit = min(limit, EMBEDDED_MAX_IN_FLIGHT)
+    app.add_middleware(Admission, limit=limit)
 
 
 part = Part(
