@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -111,19 +112,33 @@ def idempotent(
     return BatchHandler(one, many) if batch else one
 
 
+def _storable(text: str) -> str:
+    """Text any database stores: PostgreSQL refuses NUL in a text column, and a dead letter
+    that cannot be stored would stall its partition behind it."""
+    return text.replace("\x00", "\\x00")
+
+
 def dead_letter_to_db(factory: sessionmaker[Session], consumer: str) -> DeadLetterSink:
     def sink(message: Message, error: BaseException, reason: str) -> None:
         with factory() as db, db.begin():
+            already = db.scalar(
+                select(DeadLetter.id).where(
+                    DeadLetter.consumer == consumer,
+                    DeadLetter.event_id == message.event.id,
+                    DeadLetter.replayed_at.is_(None),
+                )
+            )
+            if already is not None:  # a redelivery (a rebalance, a restart) of one set aside
+                return
+            payload = message.raw if message.undecodable is not None else None
             db.add(
                 DeadLetter(
                     consumer=consumer,
                     topic=message.topic,
-                    key=message.key,
+                    key=_storable(message.key),
                     event_id=message.event.id,
-                    payload=message.raw
-                    if message.undecodable is not None
-                    else message.event.model_dump_json(),
-                    error=repr(error)[:2000],
+                    payload=_storable(payload or message.event.model_dump_json()),
+                    error=_storable(repr(error)[:2000]),
                     reason=reason,
                 )
             )

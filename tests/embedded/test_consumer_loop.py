@@ -20,6 +20,7 @@ from shared.db import make_engine, make_sessionmaker
 from shared.errors import UpstreamUnavailable
 from shared.events import CloudEvent, EventType, new_event
 from shared.migrate import upgrade
+from shared.timeutil import utcnow
 
 
 class Item(BaseModel):
@@ -179,3 +180,22 @@ def test_a_record_that_is_not_an_event_is_dead_lettered_alone(tmp_path: Path) ->
     with factory() as db:
         dead = db.scalars(select(DeadLetter)).all()
     assert [(d.reason, d.payload) for d in dead] == [("undecodable", "{not json")]
+
+
+def test_a_message_set_aside_twice_is_one_dead_letter_until_replayed(tmp_path: Path) -> None:
+    """A redelivery (a rebalance, a restart) of a message already set aside adds nothing; once
+    ops replayed it, failing again is a new dead letter."""
+    factory, _ = _city_bus(tmp_path)
+    sink = dead_letter_to_db(factory, "g")
+    message = Message(
+        "t.topic", "k", new_event(EventType.parking_entry, source="t", data=Item(n=1)), "1"
+    )
+    sink(message, ValueError("bad"), "bad_data")
+    sink(message, ValueError("bad"), "bad_data")
+    with factory() as db:
+        assert len(db.scalars(select(DeadLetter)).all()) == 1
+    with factory() as db, db.begin():
+        db.scalars(select(DeadLetter)).one().replayed_at = utcnow()
+    sink(message, ValueError("bad"), "bad_data")
+    with factory() as db:
+        assert len(db.scalars(select(DeadLetter)).all()) == 2

@@ -114,7 +114,7 @@ def test_a_record_that_does_not_decode_is_set_aside_alone_and_its_fetch_is_kept(
     bus = KafkaBus(settings.kafka_bootstrap)
     raw = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap.split(","), acks="all")
     bus.publish_many([(topic, "k", event(1)), (topic, "k", event(2))])
-    raw.send(topic, key=b"k", value=b"\xff not an event").get(timeout=15)
+    raw.send(topic, key=b"k", value=b"\xff\x00 not an event").get(timeout=15)
     bus.publish_many([(topic, "k", event(3)), (topic, "k", event(4))])
     raw.close()
     seen: list[int] = []
