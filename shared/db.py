@@ -110,7 +110,7 @@ def _real_sqlite_transactions(engine: Engine) -> None:
     queue) and every read-modify-write is serialised, the way `SELECT … FOR UPDATE` makes it on
     PostgreSQL. Sessions that only read (`read_only_sessionmaker`) begin deferred and never
     wait: WAL gives them a snapshot while a writer works. Transactions must therefore stay
-    short and never wait for the network while holding the lock (docs/reliability.md).
+    short and never wait for the network while holding the lock (docs/faults.md).
     """
 
     @event.listens_for(engine, "connect")
