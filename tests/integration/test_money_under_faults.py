@@ -30,6 +30,8 @@ from services.billing.ledger.models import Journal
 from services.billing.main import sandbox_notify_secret
 from services.billing.provider.port import PaymentProvider
 from services.billing.provider.sandbox import SandboxProvider
+from services.billing.refund import service as refunds
+from services.billing.refund.models import Refund, RefundStatus
 from shared.events import Decision, SessionClosed
 from shared.runtime import Runtime
 from shared.settings import BusKind, CacheKind, Settings
@@ -306,3 +308,51 @@ def test_racing_workers_and_duplicate_notifications_take_each_charge_once(money:
     money.work_until(settled, workers=4, timeout_s=90)
     assert [money.journals(c) for c in ids] == [1] * len(ids)
     assert sum(100_000 - money.balance(a) for a in agreements) == 100 * len(ids)
+
+
+def test_racing_refund_workers_and_notices_refund_each_once(money: Money) -> None:
+    """Refunds of captured charges, sent by four workers at once while the sandbox's refund
+    notices race their answers: each refund succeeds once, with one journal, money back once."""
+    driver, agreement = money.driver("ok", 100_000)
+    ids = [money.open(driver, 500) for _ in range(6)]
+    money.work_until(lambda: all(money.charge(c).status == ChargeStatus.captured for c in ids))
+    refund_ids: list[str] = []
+    for charge_id in ids:
+        with money.factory() as db, db.begin():
+            dispute = refunds.open_dispute(db, driver, charge_id, "barrier was open")
+            decided = refunds.decide(db, dispute.id, "ops", "refund", 200)
+            assert decided.refund_id is not None
+            refund_ids.append(decided.refund_id)
+
+    def refunded() -> bool:
+        with money.factory() as db:
+            found = db.scalars(select(Refund).where(Refund.id.in_(refund_ids))).all()
+            return all(r.status == RefundStatus.succeeded for r in found)
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            if not refunds.process_due(money.factory, money.providers):
+                stop.wait(0.1)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not refunded():
+            assert time.monotonic() < deadline, "the refunds did not settle in time"
+            time.sleep(0.2)
+        time.sleep(3)  # late answers and notices still in flight change nothing
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+    with money.factory() as db:
+        journals = db.scalars(
+            select(Journal.ref_id).where(Journal.kind == "refund", Journal.ref_id.in_(refund_ids))
+        ).all()
+        assert ledger.check(db)[0]
+    assert sorted(journals) == sorted(refund_ids)
+    assert money.balance(agreement) == 100_000 - 6 * 500 + 6 * 200
