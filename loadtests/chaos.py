@@ -136,12 +136,22 @@ class Report:
     error: str | None = None
 
 
-class Interrupted(Exception):
-    """SIGTERM or Ctrl-C: stop, clean up, report what there is."""
+class Interrupted(BaseException):
+    """SIGTERM or Ctrl-C: stop, clean up, report what there is. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+
+STOP_REQUESTED = threading.Event()
 
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    STOP_REQUESTED.set()  # checked again by every wait, should a library swallow the raise
     raise Interrupted(signal.Signals(signum).name)
+
+
+def _check_stop() -> None:
+    if STOP_REQUESTED.is_set():
+        raise Interrupted("stop requested")
 
 
 class Run:
@@ -163,6 +173,7 @@ class Run:
         """Wait, restarting meanwhile any part that died on its own."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
+            _check_stop()
             self.watch()
             time.sleep(min(0.5, left))
 
@@ -251,6 +262,7 @@ class Run:
                 console.log(f"[red]{fault.label} failed: {str(exc)[-500:]}[/red]")
             fault.took_s = round(time.monotonic() - began, 1)
             progress.advance(task)
+            _check_stop()
         progress.update(task, description="faults done")
 
 
@@ -461,6 +473,7 @@ def chaos(
             state: dict[str, int] = {}
             deadline = t + drain_timeout_s
             while time.monotonic() < deadline:
+                _check_stop()
                 run.watch()
                 try:
                     state = drain_state(check_engine, len(parkings))
