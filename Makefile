@@ -50,10 +50,15 @@ up: venv .env infra-up ## the real topology: every part its own process (Ctrl-C 
 	set -a; source deploy/local/real.env; set +a; $(BIN)/citypark migrate
 	$(BIN)/honcho -f deploy/local/Procfile -e .env,deploy/local/real.env start
 
-test: venv ## install, start the infrastructure, run the whole suite, stop it
+test: venv ## install, start the infrastructure, run the whole suite and a quick chaos run, stop it
 	@status=0; \
 	bash deploy/local/infra.sh up || exit 1; \
 	$(REAL_ENV) $(BIN)/pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 0 ] && [ -z "$(SKIP_CHAOS)" ]; then \
+	  $(MAKE) --no-print-directory chaos QUICK=1 CHAOS_PG_PORT=$(CITYPARK_PG_PORT) \
+	    CHAOS_REDIS_PORT=$(CITYPARK_REDIS_PORT) CHAOS_KAFKA_PORT=$(CITYPARK_KAFKA_PORT) \
+	    CHAOS_INFRA_DIR=.local || status=$$?; \
+	fi; \
 	bash deploy/local/infra.sh down; \
 	exit $$status
 

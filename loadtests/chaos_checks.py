@@ -382,7 +382,7 @@ def _offline(engine: Engine, exp: Expectations) -> Check:
             )
         ).all()
     by_exit = {r.exit_event_id: r for r in rows}
-    promised, broken, paid_twice, decided_before = 0, [], [], []
+    promised, broken, paid_twice, decided_before, two_gates = 0, [], [], [], []
     at_gate = 0
     for p, out in zip(exp.parkings, exp.outcomes, strict=True):
         if not out.offline:
@@ -395,7 +395,13 @@ def _offline(engine: Engine, exp: Expectations) -> Check:
             promised += 1
             if session.decision in ("postpay", "free"):
                 continue
-            if session.reason == "offline_snapshot":  # the city saw the promise and refused it
+            if (
+                session.reason == "offline_snapshot"
+                and out.second_offline
+                and out.second_decision == session.decision
+            ):  # two controllers answered differently offline; the first to arrive stands
+                two_gates.append(f"{p.exit_id} recorded {session.decision} ({session.reason})")
+            elif session.reason == "offline_snapshot":  # the city saw the promise, refused it
                 broken.append(f"{p.exit_id} recorded {session.decision} ({session.reason})")
             else:  # the slow first send, decided afresh before the replay (sdk/README.md)
                 decided_before.append(f"{p.exit_id} recorded {session.decision} ({session.reason})")
@@ -410,6 +416,7 @@ def _offline(engine: Engine, exp: Expectations) -> Check:
             "offline_postpay_exits": promised,
             "offline_postpay_refused_by_the_city": len(broken),
             "offline_postpay_decided_afresh_from_a_late_first_send": len(decided_before),
+            "offline_answers_of_two_controllers_differed": len(two_gates),
             "offline_pay_at_gate_exits": at_gate,
             "offline_pay_at_gate_charged": len(paid_twice),
         },
@@ -418,6 +425,7 @@ def _offline(engine: Engine, exp: Expectations) -> Check:
             for what, ids in (
                 ("offline post-pay exits (exit event id) the city refused", broken),
                 ("decided afresh from the late first send (not failing)", decided_before),
+                ("two controllers answered differently, the first stands (not failing)", two_gates),
                 ("paid at the gate, charged again (exit event id)", paid_twice),
             )
             if ids

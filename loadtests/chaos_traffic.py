@@ -76,6 +76,10 @@ class Outcome:
     entry_status: str | None = None
     decision: str | None = None
     offline: bool = False
+    # The re-delivering controller's own answer to a duplicated exit: offline, the two gates
+    # may disagree (one without a snapshot yet), and the first to reach the city stands.
+    second_decision: str | None = None
+    second_offline: bool = False
     rejected: str | None = None
     error: str | None = None
 
@@ -268,7 +272,9 @@ class Traffic:
                     entry(second)
                 decision = exit_(main)
                 if p.variant == "dup_exit":
-                    exit_(second)
+                    again = exit_(second)
+                    out.second_decision = str(again.decision)
+                    out.second_offline = bool(again.offline)
                 elif p.variant == "late_dup_entry":
                     entry(second)
             out.decision, out.offline = str(decision.decision), bool(decision.offline)
