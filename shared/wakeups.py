@@ -28,10 +28,34 @@ def after_commit(db: Session, name: str) -> None:
     db.info.setdefault(_PENDING, set()).add(name)
 
 
+# Many waiters on one name (every consumer of the embedded log): a generation counter under
+# a condition, so that no waiter misses a commit another waiter already saw.
+_generations: dict[str, int] = {}
+_changed = threading.Condition()
+
+
+def generation(name: str) -> int:
+    with _changed:
+        return _generations.get(name, 0)
+
+
+def wait_past(name: str, seen: int, timeout_s: float) -> bool:
+    """Wait until a commit for `name` after generation `seen`, at most `timeout_s`."""
+    with _changed:
+        return _changed.wait_for(lambda: _generations.get(name, 0) != seen, timeout_s)
+
+
 @event.listens_for(Session, "after_commit")
 def _wake(db: Session) -> None:
-    for name in db.info.pop(_PENDING, ()):
+    names = db.info.pop(_PENDING, ())
+    if not names:
+        return
+    for name in names:
         wakeup(name).set()
+    with _changed:
+        for name in names:
+            _generations[name] = _generations.get(name, 0) + 1
+        _changed.notify_all()
 
 
 @event.listens_for(Session, "after_rollback")

@@ -41,15 +41,17 @@ def embedded_city(db_file: Path, *, raise_server_exceptions: bool = True) -> Ite
         paysandbox_url="http://testserver/sandbox/pay",
     )
     app, rt = city.embedded(settings)
-    with TestClient(app, raise_server_exceptions=raise_server_exceptions) as tc:
-        # Internal calls of the one app go through the test transport, not a socket.
-        for service in ("lots", "sessions", "billing"):
-            rt.internal_clients[service] = InternalClient(
-                "http://testserver", rt.secret, transport=tc._transport
-            )
-        rt.providers["sandbox"] = SandboxProvider(
-            "http://testserver/sandbox/pay", transport=tc._transport
+    tc = TestClient(app, raise_server_exceptions=raise_server_exceptions)
+    # Internal calls of the one app go through the test transport, not a socket. Wired before
+    # the app starts: its workers ask for these clients as soon as they run.
+    for service in ("lots", "sessions", "billing"):
+        rt.internal_clients[service] = InternalClient(
+            "http://testserver", rt.secret, transport=tc._transport
         )
+    rt.providers["sandbox"] = SandboxProvider(
+        "http://testserver/sandbox/pay", transport=tc._transport
+    )
+    with tc:
         yield tc
 
 

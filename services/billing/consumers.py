@@ -29,6 +29,7 @@ GROUP = "citypark-billing"
 # New charges wake the workers at once; this only paces retries that fall due with time
 # (backoff starts at 2 s) and refunds, which are rare.
 IDLE_S = 1.0
+SQLITE_CHARGE_WORKERS = 3
 
 
 def closed_sessions_handler(rt: Runtime) -> BatchHandler:
@@ -101,6 +102,9 @@ def workers(rt: Runtime) -> list[Worker]:
     # its charges with a lease (SKIP LOCKED on PostgreSQL, the write lock on SQLite) and asks
     # the provider with no transaction open, so they never share one and never block writers.
     workers_n = rt.settings.billing_charge_workers
+    if rt.engine.dialect.name == "sqlite":
+        # One process, one interpreter lock: past a few, more workers only slow the rest.
+        workers_n = min(workers_n, SQLITE_CHARGE_WORKERS)
     out += [lambda stop: charge_worker(stop, sweeper=False)] * (workers_n - 1)
     out += notification_consumers.workers(rt)  # their own consumer group, and the sender
     if rt.settings.bus is BusKind.kafka:

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import wakeups
 from shared.bus.models import LogOffset, LogRow
-from shared.bus.outbox import enqueue
+from shared.bus.outbox import LOG_APPENDED, enqueue
 from shared.bus.port import Message, decode
 from shared.db import READ_ONLY
 from shared.events import CloudEvent
@@ -31,9 +32,18 @@ class LogBus:
         return None
 
 
+# A consumer applies a poll in one transaction, holding the database's one write lock: small
+# polls keep every other writer's wait short (a poll of 100 held it for seconds under load).
+POLL_BATCH = 25
+
+
 class LogSubscription:
     def __init__(
-        self, factory: sessionmaker[Session], group: str, topics: Sequence[str], batch: int = 100
+        self,
+        factory: sessionmaker[Session],
+        group: str,
+        topics: Sequence[str],
+        batch: int = POLL_BATCH,
     ) -> None:
         self.factory = factory
         self.group = group
@@ -46,6 +56,16 @@ class LogSubscription:
         return row.position if row else 0
 
     def poll(self, timeout_s: float) -> list[Message]:
+        """The next rows after this group's position; with none, waits up to `timeout_s` for
+        a commit to the log in this process (rows from another process are seen at the next
+        poll), so an idle consumer costs nothing instead of querying in a tight loop."""
+        seen = wakeups.generation(LOG_APPENDED)
+        messages = self._read()
+        if not messages:
+            wakeups.wait_past(LOG_APPENDED, seen, timeout_s)
+        return messages
+
+    def _read(self) -> list[Message]:
         with self.factory() as db:
             db.connection(execution_options={READ_ONLY: True})  # never waits for the writers
             if self._position is None:

@@ -30,6 +30,9 @@ def _relay_wakeup(source: str) -> str:
     return f"outbox:{source}"
 
 
+LOG_APPENDED = "bus:log-appended"  # wakes the embedded log's consumers when rows commit
+
+
 def enqueue(db: Session, *, source: str, topic: str, key: str, event: CloudEvent) -> None:
     db.add(
         LogRow(
@@ -37,6 +40,7 @@ def enqueue(db: Session, *, source: str, topic: str, key: str, event: CloudEvent
         )
     )
     wakeups.after_commit(db, _relay_wakeup(source))
+    wakeups.after_commit(db, LOG_APPENDED)
 
 
 def relay_once(factory: sessionmaker[Session], bus: EventBus, source: str, batch: int = 200) -> int:
