@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared import workqueue
 from shared.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, Problem
 
 log = structlog.get_logger(__name__)
@@ -105,7 +106,19 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # A bug or a dependency down; the client sees a problem, never a stack trace.
+        if workqueue.classify(exc) is workqueue.Failure.transient:
+            # Redis, the broker or a neighbour away for a moment: come back, not a bug.
+            log.warning("http.dependency_unavailable", path=request.url.path, error=repr(exc)[:200])
+            response = problem_response(
+                503,
+                "dependency_unavailable",
+                "A dependency is unavailable",
+                "Send the same request again (same event id or Idempotency-Key) after "
+                "`Retry-After` seconds; it is applied once.",
+            )
+            response.headers["Retry-After"] = "2"
+            return response
+        # A bug; the client sees a problem, never a stack trace.
         log.exception("http.unhandled", path=request.url.path)
         return problem_response(
             500,

@@ -106,3 +106,26 @@ def test_readers_never_wait_for_a_writer(tmp_path: Path) -> None:
         finally:
             done.set()
             thread.join(timeout=10)
+
+
+def test_a_dependency_away_answers_503_and_a_bug_500() -> None:
+    """Redis or the broker away for a moment is not a bug: the caller is told to come back."""
+    import redis.exceptions
+    from fastapi.testclient import TestClient
+
+    app: FastAPI = make_app("t", "")
+
+    @app.post("/redis-away")
+    def redis_away() -> None:
+        raise redis.exceptions.ConnectionError("Connection refused")
+
+    @app.post("/bug")
+    def bug() -> None:
+        raise KeyError("lot_code")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    away = client.post("/redis-away")
+    assert (away.status_code, away.json()["code"]) == (503, "dependency_unavailable")
+    assert away.headers["retry-after"] == "2"
+    broken = client.post("/bug")
+    assert (broken.status_code, broken.json()["code"]) == (500, "internal_error")
