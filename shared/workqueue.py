@@ -22,21 +22,25 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import httpx
 import redis.exceptions
+import structlog
 from prometheus_client import Counter
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from shared.errors import Problem, UpstreamRejected, UpstreamUnavailable
 from shared.timeutil import utcnow
+
+log = structlog.get_logger(__name__)
 
 # How often an unexpected error may repeat on one item before that item is parked.
 PARK_AFTER = 5
@@ -165,3 +169,44 @@ def locked(db: Session, model: type[Any], key: Any) -> Any:
     if db.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()
     return db.scalar(query)
+
+
+def settle_failure(
+    factory: sessionmaker[Session],
+    model: type[Any],
+    key: str,
+    exc: Exception,
+    *,
+    queue: str,
+    strikes: Strikes,
+    is_open: Callable[[Any], bool],
+    park: Callable[[Any, Exception], None],
+) -> None:
+    """The failure policy for one row of a queue whose step raised: a transient error backs
+    the row off; a bug backs it off too until it has had `PARK_AFTER` strikes, and then `park`
+    sets it aside. Either way the rows behind it go on. A row no longer open (settled
+    meanwhile) is left alone; if the database itself is away, the lease hands the row back."""
+    kind = classify(exc)
+    parking = kind is not Failure.transient and strikes.hit(key)
+    try:
+        with factory() as db, db.begin():
+            row = locked(db, model, key)
+            if row is None or not is_open(row):
+                return
+            if parking:
+                park(row, exc)
+            else:
+                row.next_attempt_at = utcnow() + timedelta(
+                    seconds=backoff_s(row.attempts, base=1.0, cap=30.0)
+                )
+    except Exception as again:
+        log.warning("work.failure_unrecorded", queue=queue, id=key, error=repr(again))
+        return
+    if parking:
+        PARKED.labels(queue).inc()
+        log.error("work.parked", queue=queue, id=key, error=repr(exc))
+    elif kind is Failure.transient:
+        RETRIES.labels(queue).inc()
+        log.warning("work.retry", queue=queue, id=key, error=repr(exc))
+    else:
+        log.error("work.failed", queue=queue, id=key, error=repr(exc), strike=True)

@@ -14,7 +14,6 @@ from services.gateway.gate import consumers
 from services.gateway.ops import endpoints as ops
 from shared.runtime import Migrations, Part, Runtime
 
-
 # The embedded city serves the connector API from the process that also runs every consumer and
 # worker under one interpreter lock: fewer requests at once keep each one within the car
 # park's timeout, the rest are told to come back.

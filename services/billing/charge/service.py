@@ -364,33 +364,23 @@ def _step(
             record(db, settings, charge, answer, result)
 
 
+def _park(charge: Charge, exc: Exception) -> None:
+    charge.status = ChargeStatus.parked
+    charge.failure_code = f"parked:{type(exc).__name__}"[:60]
+
+
 def _failed(factory: sessionmaker[Session], charge_id: str, exc: Exception) -> None:
     """The failure policy (shared/workqueue.py) for one charge: it never blocks the others."""
-    kind = workqueue.classify(exc)
-    park = kind is not workqueue.Failure.transient and _strikes.hit(charge_id)
-    try:
-        with factory() as db, db.begin():
-            charge = workqueue.locked(db, Charge, charge_id)
-            if charge is None or charge.status not in (ChargeStatus.pending, ChargeStatus.unknown):
-                return
-            if park:
-                charge.status = ChargeStatus.parked
-                charge.failure_code = f"parked:{type(exc).__name__}"[:60]
-            else:
-                charge.next_attempt_at = utcnow() + timedelta(
-                    seconds=workqueue.backoff_s(charge.attempts, base=1.0, cap=30.0)
-                )
-    except Exception as again:  # the database itself is away: the lease hands it back
-        log.warning("charge.failure_unrecorded", charge_id=charge_id, error=repr(again))
-        return
-    if park:
-        workqueue.PARKED.labels("charges").inc()
-        log.error("charge.parked", charge_id=charge_id, error=repr(exc))
-    elif kind is workqueue.Failure.transient:
-        workqueue.RETRIES.labels("charges").inc()
-        log.warning("charge.retry", charge_id=charge_id, error=repr(exc))
-    else:
-        log.error("charge.failed", charge_id=charge_id, error=repr(exc))
+    workqueue.settle_failure(
+        factory,
+        Charge,
+        charge_id,
+        exc,
+        queue="charges",
+        strikes=_strikes,
+        is_open=lambda c: c.status in (ChargeStatus.pending, ChargeStatus.unknown),
+        park=_park,
+    )
 
 
 def process_due(

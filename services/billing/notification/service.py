@@ -232,30 +232,23 @@ def _step(
             _backoff(delivery, error)
 
 
+def _park(delivery: Delivery, exc: Exception) -> None:
+    delivery.status = DeliveryStatus.parked
+    delivery.last_error = repr(exc)[:300]
+
+
 def _failed(factory: sessionmaker[Session], did: str, exc: Exception) -> None:
     """The failure policy (shared/workqueue.py) for one delivery: it never blocks the others."""
-    park = workqueue.classify(exc) is not workqueue.Failure.transient and _strikes.hit(did)
-    try:
-        with factory() as db, db.begin():
-            delivery = workqueue.locked(db, Delivery, did)
-            if delivery is None or delivery.status != DeliveryStatus.pending:
-                return
-            delivery.last_error = repr(exc)[:300]
-            if park:
-                delivery.status = DeliveryStatus.parked
-            else:
-                delivery.next_attempt_at = utcnow() + timedelta(
-                    seconds=workqueue.backoff_s(delivery.attempts, base=1.0, cap=30.0)
-                )
-    except Exception as again:  # the database itself is away: the lease hands it back
-        log.warning("notification.failure_unrecorded", delivery_id=did, error=repr(again))
-        return
-    if park:
-        workqueue.PARKED.labels("deliveries").inc()
-        log.error("notification.parked", delivery_id=did, error=repr(exc))
-    else:
-        workqueue.RETRIES.labels("deliveries").inc()
-        log.warning("notification.retry", delivery_id=did, error=repr(exc))
+    workqueue.settle_failure(
+        factory,
+        Delivery,
+        did,
+        exc,
+        queue="deliveries",
+        strikes=_strikes,
+        is_open=lambda d: d.status == DeliveryStatus.pending,
+        park=_park,
+    )
 
 
 def process_due(

@@ -280,31 +280,23 @@ def _step(factory: sessionmaker[Session], providers: dict[str, PaymentProvider],
             record(db, refund, answer, value)
 
 
+def _park(refund: Refund, exc: Exception) -> None:
+    refund.status = RefundStatus.parked
+    refund.failure_code = f"parked:{type(exc).__name__}"[:60]
+
+
 def _failed(factory: sessionmaker[Session], rid: str, exc: Exception) -> None:
     """The failure policy (shared/workqueue.py) for one refund: it never blocks the others."""
-    kind = workqueue.classify(exc)
-    park = kind is not workqueue.Failure.transient and _strikes.hit(rid)
-    try:
-        with factory() as db, db.begin():
-            refund = workqueue.locked(db, Refund, rid)
-            if refund is None or refund.status not in (RefundStatus.pending, RefundStatus.unknown):
-                return
-            if park:
-                refund.status = RefundStatus.parked
-                refund.failure_code = f"parked:{type(exc).__name__}"[:60]
-            else:
-                refund.next_attempt_at = utcnow() + timedelta(
-                    seconds=workqueue.backoff_s(refund.attempts, base=1.0, cap=30.0)
-                )
-    except Exception as again:  # the database itself is away: the lease hands it back
-        log.warning("refund.failure_unrecorded", refund_id=rid, error=repr(again))
-        return
-    if park:
-        workqueue.PARKED.labels("refunds").inc()
-        log.error("refund.parked", refund_id=rid, error=repr(exc))
-    else:
-        workqueue.RETRIES.labels("refunds").inc()
-        log.warning("refund.retry", refund_id=rid, error=repr(exc))
+    workqueue.settle_failure(
+        factory,
+        Refund,
+        rid,
+        exc,
+        queue="refunds",
+        strikes=_strikes,
+        is_open=lambda r: r.status in (RefundStatus.pending, RefundStatus.unknown),
+        park=_park,
+    )
 
 
 def process_due(
