@@ -210,3 +210,40 @@ def settle_failure(
         log.warning("work.retry", queue=queue, id=key, error=repr(exc))
     else:
         log.error("work.failed", queue=queue, id=key, error=repr(exc), strike=True)
+
+
+def run_due(
+    factory: sessionmaker[Session],
+    model: type[Any],
+    is_due: ColumnElement[bool],
+    step: Callable[[str], None],
+    *,
+    queue: str,
+    strikes: Strikes,
+    is_open: Callable[[Any], bool],
+    park: Callable[[Any, Exception], None],
+    lease: timedelta,
+    limit: int,
+) -> int:
+    """One round of a queue: claim up to `limit` due rows for `lease` in one short
+    transaction, then `step` each (with no transaction of ours open); a step that raises goes
+    through `settle_failure` and never holds up the rows behind it. Returns how many were
+    taken."""
+    with factory() as db, db.begin():
+        claimed = claim_due(db, model.id, model.next_attempt_at, is_due, limit=limit, lease=lease)
+    for key in claimed:
+        try:
+            step(key)
+            strikes.clear(key)
+        except Exception as exc:
+            settle_failure(
+                factory,
+                model,
+                key,
+                exc,
+                queue=queue,
+                strikes=strikes,
+                is_open=is_open,
+                park=park,
+            )
+    return len(claimed)

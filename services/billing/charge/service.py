@@ -369,18 +369,8 @@ def _park(charge: Charge, exc: Exception) -> None:
     charge.failure_code = f"parked:{type(exc).__name__}"[:60]
 
 
-def _failed(factory: sessionmaker[Session], charge_id: str, exc: Exception) -> None:
-    """The failure policy (shared/workqueue.py) for one charge: it never blocks the others."""
-    workqueue.settle_failure(
-        factory,
-        Charge,
-        charge_id,
-        exc,
-        queue="charges",
-        strikes=_strikes,
-        is_open=lambda c: c.status in (ChargeStatus.pending, ChargeStatus.unknown),
-        park=_park,
-    )
+def _open(charge: Charge) -> bool:
+    return charge.status in (ChargeStatus.pending, ChargeStatus.unknown)
 
 
 def process_due(
@@ -396,22 +386,18 @@ def process_due(
     twice, on PostgreSQL and on SQLite. Each charge is then asked about with no transaction
     open and its answer recorded in its own; one that fails goes back with backoff or, after
     repeated unexpected errors, is parked, and never holds up the charges behind it."""
-    with factory() as db, db.begin():
-        claimed = workqueue.claim_due(
-            db,
-            Charge.id,
-            Charge.next_attempt_at,
-            Charge.status.in_([ChargeStatus.pending, ChargeStatus.unknown]),
-            limit=limit,
-            lease=LEASE,
-        )
-    for charge_id in claimed:
-        try:
-            _step(factory, settings, providers, charge_id)
-            _strikes.clear(charge_id)
-        except Exception as exc:
-            _failed(factory, charge_id, exc)
-    return len(claimed)
+    return workqueue.run_due(
+        factory,
+        Charge,
+        Charge.status.in_([ChargeStatus.pending, ChargeStatus.unknown]),
+        lambda charge_id: _step(factory, settings, providers, charge_id),
+        queue="charges",
+        strikes=_strikes,
+        is_open=_open,
+        park=_park,
+        lease=LEASE,
+        limit=limit,
+    )
 
 
 def parked(db: Session, limit: int = 100) -> list[Charge]:

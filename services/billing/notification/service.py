@@ -237,41 +237,23 @@ def _park(delivery: Delivery, exc: Exception) -> None:
     delivery.last_error = repr(exc)[:300]
 
 
-def _failed(factory: sessionmaker[Session], did: str, exc: Exception) -> None:
-    """The failure policy (shared/workqueue.py) for one delivery: it never blocks the others."""
-    workqueue.settle_failure(
-        factory,
-        Delivery,
-        did,
-        exc,
-        queue="deliveries",
-        strikes=_strikes,
-        is_open=lambda d: d.status == DeliveryStatus.pending,
-        park=_park,
-    )
-
-
 def process_due(
     factory: sessionmaker[Session], channels: dict[Channel, NotificationChannel], limit: int = 50
 ) -> int:
     """Claim due deliveries (a lease), send each, record each answer in its own transaction;
     returns how many were taken. Replicas share the work without sending one twice."""
-    with factory() as db, db.begin():
-        claimed = workqueue.claim_due(
-            db,
-            Delivery.id,
-            Delivery.next_attempt_at,
-            Delivery.status == DeliveryStatus.pending,
-            limit=limit,
-            lease=LEASE,
-        )
-    for did in claimed:
-        try:
-            _step(factory, channels, did)
-            _strikes.clear(did)
-        except Exception as exc:
-            _failed(factory, did, exc)
-    return len(claimed)
+    return workqueue.run_due(
+        factory,
+        Delivery,
+        Delivery.status == DeliveryStatus.pending,
+        lambda did: _step(factory, channels, did),
+        queue="deliveries",
+        strikes=_strikes,
+        is_open=lambda d: d.status == DeliveryStatus.pending,
+        park=_park,
+        lease=LEASE,
+        limit=limit,
+    )
 
 
 def replay_parked(db: Session, delivery_id: str) -> Delivery:

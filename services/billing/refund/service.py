@@ -285,41 +285,23 @@ def _park(refund: Refund, exc: Exception) -> None:
     refund.failure_code = f"parked:{type(exc).__name__}"[:60]
 
 
-def _failed(factory: sessionmaker[Session], rid: str, exc: Exception) -> None:
-    """The failure policy (shared/workqueue.py) for one refund: it never blocks the others."""
-    workqueue.settle_failure(
-        factory,
-        Refund,
-        rid,
-        exc,
-        queue="refunds",
-        strikes=_strikes,
-        is_open=lambda r: r.status in (RefundStatus.pending, RefundStatus.unknown),
-        park=_park,
-    )
-
-
 def process_due(
     factory: sessionmaker[Session], providers: dict[str, PaymentProvider], limit: int = 20
 ) -> int:
     """Claim due refunds (a lease), ask the provider with no transaction open, record each
     answer in its own transaction; returns how many were taken."""
-    with factory() as db, db.begin():
-        claimed = workqueue.claim_due(
-            db,
-            Refund.id,
-            Refund.next_attempt_at,
-            Refund.status.in_([RefundStatus.pending, RefundStatus.unknown]),
-            limit=limit,
-            lease=LEASE,
-        )
-    for rid in claimed:
-        try:
-            _step(factory, providers, rid)
-            _strikes.clear(rid)
-        except Exception as exc:
-            _failed(factory, rid, exc)
-    return len(claimed)
+    return workqueue.run_due(
+        factory,
+        Refund,
+        Refund.status.in_([RefundStatus.pending, RefundStatus.unknown]),
+        lambda rid: _step(factory, providers, rid),
+        queue="refunds",
+        strikes=_strikes,
+        is_open=lambda r: r.status in (RefundStatus.pending, RefundStatus.unknown),
+        park=_park,
+        lease=LEASE,
+        limit=limit,
+    )
 
 
 def replay_parked(db: Session, refund_id: str) -> Refund:
