@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,7 +77,38 @@ def scratch_database(infra: Infra) -> Iterator[str]:
     try:
         yield infra.database_url(name)
     finally:
-        janitor.drop()
+        _drop_database(infra, name)
+
+
+def _drop_database(infra: Infra, name: str) -> None:
+    """Drop a scratch database even while autovacuum works in it.
+
+    The janitor's own drop first terminates every backend in the database and
+    fails on an autovacuum worker (a superuser process the test role may not
+    signal). A plain DROP DATABASE stops autovacuum workers itself, so only
+    this role's lingering sessions are ended here, and the drop is retried
+    while one of them is still going away.
+    """
+    import psycopg
+
+    conninfo = (
+        f"host={infra.pg_host} port={infra.pg_port} user={infra.pg_user} "
+        f"password={infra.pg_password} dbname=postgres"
+    )
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        for attempt in range(20):
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND usename = current_user AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            try:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+                return
+            except psycopg.errors.ObjectInUse:
+                if attempt == 19:
+                    raise
+                time.sleep(0.25)
 
 
 @pytest.fixture(scope="session")
