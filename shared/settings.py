@@ -38,6 +38,27 @@ class Settings(BaseSettings):
     otp_ttl_s: int = 300
     otp_max_attempts: int = 5
     sandbox_mode: bool = True
+    admin_token_ttl_s: int = Field(
+        8 * 3600, ge=60, description="How long an admin token lasts unless `--ttl` says otherwise."
+    )
+    # Sign-in abuse limits (per client address and for the whole city), shared by every
+    # gateway replica through the cache; past them 429 with Retry-After.
+    signin_ip_limit: int = Field(
+        20, ge=1, description="Sign-in requests one address may make per window."
+    )
+    signin_global_limit: int = Field(
+        2000, ge=1, description="Sign-in requests the whole city accepts per window."
+    )
+    signin_window_s: int = Field(60, ge=1, description="The sign-in limit window, in seconds.")
+
+    # Request bodies are limited while they are read, before parsing or verifying signatures.
+    connector_max_body_bytes: int = Field(1 << 20, ge=1024)
+    district_max_body_bytes: int = Field(10 << 20, ge=1024)
+    # How long the gateway keeps the eligibility snapshots it served, to check offline decisions.
+    eligibility_snapshot_retention_days: int = Field(7, ge=7)
+
+    # The vehicle registry that proves a driver holds a plate (the sandbox one by default).
+    vehicle_registry_url: str = "http://127.0.0.1:8000/sandbox/vehicle-registry"
 
     # Where each service is reached for synchronous internal calls.
     lots_url: str = "http://127.0.0.1:8000"

@@ -22,3 +22,5 @@ class AdminToken(Base):
     note: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    name: Mapped[str] = mapped_column(String(200), default="", server_default="")

@@ -30,6 +30,7 @@ class DistrictKey(Base):
     district: Mapped[str] = mapped_column(ForeignKey("lots_district.code"))
     public_key_pem: Mapped[str] = mapped_column(String(2000))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Operator(Base):
@@ -90,7 +91,10 @@ class AuditEntry(Base):
     """One admin write to the registry: who (admin token id), when, what, before and after."""
 
     __tablename__ = "lots_audit"
-    __table_args__ = (Index("ix_lots_audit_entity", "entity", "entity_id"),)
+    __table_args__ = (
+        Index("ix_lots_audit_entity", "entity", "entity_id"),
+        Index("ux_lots_audit_event_id", "event_id", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -101,6 +105,12 @@ class AuditEntry(Base):
     entity_id: Mapped[str] = mapped_column(String(200))
     before: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, default=None)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, default=None)
+    # Which service made the write (every service's admin writes land in this one log).
+    service: Mapped[str] = mapped_column(String(20), default="lots", server_default="lots")
+    # Why, where the caller must say so (an unmasked look-up).
+    reason: Mapped[str | None] = mapped_column(String(500), default=None)
+    # The audit event an entry came from, so a redelivered event is recorded once.
+    event_id: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class Occupancy(Base):
