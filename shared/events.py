@@ -22,6 +22,7 @@ class EventType(StrEnum):
     charge_captured = "citypark.charge.captured"
     charge_declined = "citypark.charge.declined"
     refund_succeeded = "citypark.refund.succeeded"
+    admin_write = "citypark.audit.admin-write"
 
 
 class CloudEvent(BaseModel):

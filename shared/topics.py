@@ -8,6 +8,7 @@ PARKING_EVENTS = "citypark.parking-events"  # key: lot id
 SESSIONS_CLOSED = "citypark.sessions-closed"  # key: account (driver) id
 BILLING_EVENTS = "citypark.billing-events"
 ACCOUNT_EVENTS = "citypark.account-events"
+AUDIT_EVENTS = "citypark.audit-events"  # key: the audited entity; lots keeps the one log
 LOT_EVENTS_PREFIX = "citypark.lot-events."
 
 
@@ -40,7 +41,7 @@ SUZHOU_DISTRICTS: tuple[DistrictSeed, ...] = (
 
 def all_topics(districts: tuple[str, ...] | None = None) -> list[str]:
     codes = districts if districts is not None else tuple(d.code for d in SUZHOU_DISTRICTS)
-    return [PARKING_EVENTS, SESSIONS_CLOSED, BILLING_EVENTS, ACCOUNT_EVENTS] + [
+    return [PARKING_EVENTS, SESSIONS_CLOSED, BILLING_EVENTS, ACCOUNT_EVENTS, AUDIT_EVENTS] + [
         lot_events(c) for c in codes
     ]
 
