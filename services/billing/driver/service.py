@@ -27,6 +27,7 @@ from services.billing.driver.models import (
     Vehicle,
 )
 from services.billing.provider.port import PaymentProvider, ProviderTimeout, ProviderUnavailable
+from shared import masking
 from shared.bus.outbox import enqueue
 from shared.errors import NotFound, Problem, RateLimited, UpstreamUnavailable, problem
 from shared.events import AccountUpdated, EventType, PostpayStatus, VehicleRef, new_event
@@ -61,7 +62,7 @@ def normalize_phone(raw: str) -> str:
 
 
 def mask_phone(phone: str) -> str:
-    return phone[:3] + "****" + phone[-4:]
+    return masking.mask_phone(phone)
 
 
 def _hash_code(secret: str, phone: str, code: str) -> str:
