@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -40,12 +40,12 @@ from shared.auth import (
     DriverAuth,
     FinanceAuth,
     InternalAuth,
-    ViewerAuth,
     issue_driver_token,
 )
 from shared.deps import DbSession
 from shared.errors import PROBLEM_CONTENT_TYPE, NotFound, PlateInvalid, UpstreamUnavailable
 from shared.http import problem_responses
+from shared.masking import UNMASK_RESPONSES, View, staff_view
 from shared.plates import mask_plate
 from shared.settings import Settings
 
@@ -268,10 +268,10 @@ def sandbox_sms(phone: str, _: AdminAuth, db: DbSession, request: Request) -> li
 @admin.get(
     "/arrears",
     response_model=list[DriverArrears],
-    responses=problem_responses(drivers.PhoneInvalid),
+    responses={**problem_responses(drivers.PhoneInvalid), **UNMASK_RESPONSES},
 )
 def search_arrears(
-    _: ViewerAuth,
+    view: Annotated[View, Depends(staff_view("billing", "arrears"))],
     db: DbSession,
     phone: str | None = None,
     driver_id: str | None = None,
@@ -279,9 +279,10 @@ def search_arrears(
     older_than_days: Annotated[int | None, Query(ge=0)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[DriverArrears]:
-    """Drivers who owe money, biggest first; search by phone, driver, amount or age."""
+    """Drivers who owe money, biggest first; search by phone, driver, amount or age. Phones
+    are masked unless an admin asks `unmasked=true` with a `reason` (audited)."""
     return [
-        DriverArrears.model_validate(row)
+        DriverArrears.model_validate(row | {"phone": view.phone(row["phone"])})
         for row in charges.search_arrears(
             db,
             phone=phone,

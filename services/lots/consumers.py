@@ -1,5 +1,6 @@
 """The lots service follows parking events (live occupancy) and closed sessions (parkings served
-per district and day), in its own consumer group."""
+per district and day), in its own consumer group; and, in a second group, the audit events of
+every service into the one audit log."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from datetime import date
 
 from sqlalchemy.orm import Session
 
-from services.lots import occupancy
+from services.lots import audit, occupancy
 from services.lots.models import Lot, Occupancy
 from shared.bus.consumer import (
     BatchHandler,
@@ -23,10 +24,12 @@ from shared.bus.factory import make_subscription
 from shared.bus.port import Message
 from shared.events import EventType, ParkingEvent, SessionClosed
 from shared.runtime import Runtime, Worker
-from shared.topics import PARKING_EVENTS, SESSIONS_CLOSED
+from shared.topics import AUDIT_EVENTS, PARKING_EVENTS, SESSIONS_CLOSED
 
 GROUP = "citypark-lots"
 TOPICS: tuple[str, ...] = (PARKING_EVENTS, SESSIONS_CLOSED)
+# A group of its own: a burst of parking events never holds up the log, nor the log them.
+AUDIT_GROUP = "citypark-lots-audit"
 
 
 def handler(rt: Runtime, group: str) -> BatchHandler:
@@ -78,6 +81,35 @@ def workers(rt: Runtime, *, group: str = GROUP, topics: Sequence[str] = TOPICS) 
             group,
             sub,
             handler(rt, group),
+            stop=stop,
+            dead_letter=dead_letter_to_db(rt.sessionmaker, group),
+        ).run()
+
+    return [consume]
+
+
+def audit_handler(rt: Runtime) -> BatchHandler:
+    """Idempotent on the event id through the log's unique index (no inbox row needed): a
+    poll goes in one statement; an event that does not validate is dead-lettered by the loop."""
+
+    def one(message: Message) -> None:
+        with rt.sessionmaker() as db, db.begin():
+            audit.store(db, [message.event])
+
+    def many(messages: list[Message]) -> None:
+        with rt.sessionmaker() as db, db.begin():
+            audit.store(db, [m.event for m in messages])
+
+    return BatchHandler(one, many)
+
+
+def audit_workers(rt: Runtime, *, group: str = AUDIT_GROUP) -> list[Worker]:
+    def consume(stop: threading.Event) -> None:
+        sub = make_subscription(rt.settings, rt.sessionmaker, group, [AUDIT_EVENTS])
+        ConsumerLoop(
+            group,
+            sub,
+            audit_handler(rt),
             stop=stop,
             dead_letter=dead_letter_to_db(rt.sessionmaker, group),
         ).run()

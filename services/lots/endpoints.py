@@ -51,6 +51,7 @@ from shared.errors import (
     ValidationFailed,
 )
 from shared.http import problem_responses
+from shared.masking import UNMASK_RESPONSES, View, staff_view
 from shared.signatures import PublicKeyInvalid
 from shared.tariff import QuoteInputInvalid
 from shared.timeutil import utcnow
@@ -66,6 +67,21 @@ def _redis(request: Request) -> redis.Redis:
 
 Cache = Annotated[redis.Redis, Depends(_redis)]
 Limit = Annotated[int, Query(ge=1, le=200)]
+# Staff reads: bank accounts for finance and admin only; the audit log's snapshots masked.
+OperatorView = Annotated[View, Depends(staff_view("lots", "operator", record=audit.record_entry))]
+AuditView = Annotated[View, Depends(staff_view("lots", "audit", record=audit.record_entry))]
+
+
+def _operator_out(op: Operator, view: View) -> OperatorOut:
+    out = OperatorOut.model_validate(op, from_attributes=True)
+    out.settlement_account = view.account(out.settlement_account)
+    return out
+
+
+def _audit_out(entry: audit.AuditEntry, view: View) -> AuditEntryOut:
+    out = AuditEntryOut.model_validate(entry, from_attributes=True)
+    out.before, out.after = view.doc(out.before), view.doc(out.after)
+    return out
 
 
 def _lot_out(db: DbSession, lot: Lot) -> LotOut:
@@ -123,19 +139,21 @@ def create_operator(data: OperatorCreate, db: DbSession, who: AdminAuth) -> Oper
 
 
 @admin.get(
-    "/operators", response_model=OperatorPage, responses=problem_responses(service.CursorInvalid)
+    "/operators",
+    response_model=OperatorPage,
+    responses={**problem_responses(service.CursorInvalid), **UNMASK_RESPONSES},
 )
 def list_operators(
     db: DbSession,
-    _: ViewerAuth,
+    view: OperatorView,
     q: Annotated[str | None, Query(max_length=200, description="Part of the name")] = None,
     cursor: str | None = None,
     limit: Limit = 50,
 ) -> OperatorPage:
-    """Operators by name; `next_cursor` pages on."""
+    """Operators by name; `next_cursor` pages on. `settlement_account` is masked for viewers."""
     page, nxt = service.list_operators(db, q=q, cursor=cursor, limit=limit)
     return OperatorPage(
-        items=[OperatorOut.model_validate(op, from_attributes=True) for op in page],
+        items=[_operator_out(op, view) for op in page],
         next_cursor=nxt,
     )
 
@@ -143,11 +161,11 @@ def list_operators(
 @admin.get(
     "/operators/{operator_id}",
     response_model=OperatorOut,
-    responses=problem_responses(service.OperatorNotFound),
+    responses={**problem_responses(service.OperatorNotFound), **UNMASK_RESPONSES},
 )
-def get_operator(operator_id: str, db: DbSession, _: ViewerAuth) -> OperatorOut:
-    """One operator."""
-    return OperatorOut.model_validate(service.get_operator(db, operator_id), from_attributes=True)
+def get_operator(operator_id: str, db: DbSession, view: OperatorView) -> OperatorOut:
+    """One operator; `settlement_account` is masked for viewers."""
+    return _operator_out(service.get_operator(db, operator_id), view)
 
 
 @admin.post(
@@ -320,41 +338,60 @@ def add_district_key(code: str, key: PublicKeyIn, db: DbSession, who: AdminAuth)
     return KeyOut(key_id=row.key_id, created_at=row.created_at)
 
 
-@admin.get("/audit", response_model=AuditPage, responses=problem_responses(service.CursorInvalid))
+@admin.get(
+    "/audit",
+    response_model=AuditPage,
+    responses={**problem_responses(service.CursorInvalid, ValidationFailed), **UNMASK_RESPONSES},
+)
 def list_audit(
     db: DbSession,
-    _: ViewerAuth,
-    entity: str | None = Query(default=None, examples=["lot"]),
-    entity_id: str | None = None,
-    actor: str | None = Query(default=None, description="Admin token id"),
-    since: datetime | None = None,
+    view: AuditView,
+    service_name: Annotated[
+        str | None,
+        Query(alias="service", max_length=20, examples=["billing"], description="Which service"),
+    ] = None,
+    entity: Annotated[str | None, Query(max_length=40, examples=["lot"])] = None,
+    entity_id: Annotated[str | None, Query(max_length=200)] = None,
+    actor: Annotated[str | None, Query(max_length=64, description="Admin token id")] = None,
+    since: Annotated[
+        datetime | None, Query(alias="from", description="From this time on (with offset)")
+    ] = None,
+    until: Annotated[
+        datetime | None, Query(alias="to", description="Before this time (with offset)")
+    ] = None,
+    since_old: Annotated[
+        datetime | None, Query(alias="since", deprecated=True, description="Same as `from`")
+    ] = None,
     cursor: str | None = None,
     limit: Limit = 50,
 ) -> AuditPage:
-    """Every admin write to the registry, newest first: who, when, what, before and after."""
+    """The city's one audit log: every admin and finance write of every service (and every
+    unmasked look-up), newest first: service, who, when, what, why, before and after. Plates
+    and phones in the snapshots are masked (bank accounts too, for viewers)."""
     before_id = None
     if cursor:
         (raw,) = service.decode_cursor(cursor, 1)
         if not raw.isdigit():
             raise service.CursorInvalid("cursor was not issued by this API")
         before_id = int(raw)
-    if since is not None and since.tzinfo is None:
-        raise ValidationFailed("since must carry a UTC offset")
+    since = since or since_old
+    for name, value in (("from", since), ("to", until)):
+        if value is not None and value.tzinfo is None:
+            raise ValidationFailed(f"{name} must carry a UTC offset")
     rows = audit.entries(
         db,
+        service=service_name,
         entity=entity,
         entity_id=entity_id,
         actor=actor,
         since=since,
+        until=until,
         before_id=before_id,
         limit=limit + 1,
     )
     page = rows[:limit]
     nxt = service.encode_cursor(str(page[-1].id)) if len(rows) > limit else None
-    return AuditPage(
-        items=[AuditEntryOut.model_validate(e, from_attributes=True) for e in page],
-        next_cursor=nxt,
-    )
+    return AuditPage(items=[_audit_out(e, view) for e in page], next_cursor=nxt)
 
 
 @public.get(

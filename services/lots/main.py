@@ -32,7 +32,7 @@ part = Part(
         districts.internal,
         passes_endpoints.internal,
     ],
-    workers=consumers.workers,
+    workers=lambda rt: [*consumers.workers(rt), *consumers.audit_workers(rt)],
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_lots"),
     on_startup=_startup,
 )

@@ -268,11 +268,13 @@ class PricesOut(BaseModel):
 class AuditEntryOut(BaseModel):
     id: int
     at: datetime
+    service: str = Field(description="The service that made the change", examples=["billing"])
     actor: str = Field(description="Id of the admin token that made the change")
     role: str
     action: str
     entity: str
     entity_id: str
+    reason: str | None = Field(description="Why, where the caller had to say (unmasked look-ups)")
     before: dict[str, Any] | None
     after: dict[str, Any] | None
 

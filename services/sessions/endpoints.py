@@ -3,16 +3,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from services.sessions import service
 from services.sessions.models import ParkingSession, SessionStatus
 from services.sessions.schemas import AdminSessionOut, SessionOut, SessionPage
-from shared.auth import DriverAuth, InternalAuth, ViewerAuth
+from shared.auth import DriverAuth, InternalAuth
 from shared.deps import DbSession
-from shared.errors import NotFound
+from shared.errors import NotFound, PlateInvalid
 from shared.http import problem_responses
 from shared.internal import InternalClient
+from shared.masking import UNMASK_RESPONSES, View, staff_view
 from shared.plates import normalize_plate
 from shared.timeutil import utcnow
 
@@ -70,19 +71,28 @@ def get_session(session_id: str, me: DriverAuth, db: DbSession, request: Request
     return SessionOut.of(s, fee)
 
 
-@admin.get("/sessions", response_model=list[AdminSessionOut])
+@admin.get(
+    "/sessions",
+    response_model=list[AdminSessionOut],
+    responses={**problem_responses(PlateInvalid), **UNMASK_RESPONSES},
+)
 def search_sessions(
-    _: ViewerAuth,
+    view: Annotated[View, Depends(staff_view("sessions", "session"))],
     db: DbSession,
     plate: str | None = None,
     lot_id: str | None = None,
     status: SessionStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[AdminSessionOut]:
+    """Parkings, newest first, by plate, car park or status. Plates are masked unless an admin
+    asks `unmasked=true` with a `reason` (audited)."""
     rows = service.SessionRepository.from_session(db).search(
         plate=normalize_plate(plate) if plate else None, lot_id=lot_id, status=status, limit=limit
     )
-    return [AdminSessionOut.model_validate(s, from_attributes=True) for s in rows]
+    out = [AdminSessionOut.model_validate(s, from_attributes=True) for s in rows]
+    for item in out:
+        item.plate = view.plate(item.plate)
+    return out
 
 
 @internal.get("/open", response_model=AdminSessionOut, responses=problem_responses(NotFound))
