@@ -12,7 +12,9 @@ from services.gateway.deadletters import endpoints as deadletters
 from services.gateway.districts import endpoints as districts
 from services.gateway.gate import consumers
 from services.gateway.ops import endpoints as ops
-from shared.runtime import Migrations, Part, Runtime
+from shared.bus.outbox import run_relay
+from shared.runtime import Migrations, Part, Runtime, Worker
+from shared.settings import BusKind
 
 # The embedded city serves the connector API from the process that also runs every consumer and
 # worker under one interpreter lock: fewer requests at once keep each one within the car
@@ -27,10 +29,19 @@ def _admission(app: FastAPI, rt: Runtime) -> None:
     app.add_middleware(Admission, limit=limit)
 
 
+def _workers(rt: Runtime) -> list[Worker]:
+    out = consumers.workers(rt)
+    if rt.settings.bus is BusKind.kafka:
+        # Ops' writes here (replays) are audited through the gateway's outbox: someone must
+        # publish it (on the embedded log the outbox already is the bus).
+        out.append(lambda stop: run_relay(rt.sessionmaker, rt.bus, "gateway", stop))
+    return out
+
+
 part = Part(
     name="gateway",
     routers=[connector.router, districts.router, ops.router, deadletters.router],
-    workers=consumers.workers,
+    workers=_workers,
     on_app=_admission,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_gateway"),
 )
