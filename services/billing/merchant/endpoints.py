@@ -17,7 +17,8 @@ from services.billing.merchant.schemas import (
     ValidationCreate,
     ValidationOut,
 )
-from shared.auth import AdminAuth, FinanceAuth, ViewerAuth
+from shared import audit
+from shared.auth import Admin, AdminAuth, FinanceAuth, ViewerAuth
 from shared.deps import DbSession
 from shared.errors import NotFound, PlateColorInvalid, PlateInvalid
 from shared.http import problem_responses
@@ -46,6 +47,28 @@ def _validation_out(v: Validation) -> ValidationOut:
     out = ValidationOut.model_validate(v, from_attributes=True)
     out.plate = mask_plate(out.plate)
     return out
+
+
+def _audit(
+    db: DbSession, who: Admin, action: str, found: Merchant, before: dict[str, Any] | None = None
+) -> None:
+    """Never the key itself: its prefix tells keys apart."""
+    audit.record(
+        db,
+        who,
+        service="billing",
+        action=action,
+        entity="merchant",
+        entity_id=found.id,
+        before=before,
+        after={
+            "lot_id": found.lot_id,
+            "name": found.name,
+            "key_prefix": found.key_prefix,
+            "per_session_limit": found.per_session_limit,
+            "daily_limit": found.daily_limit,
+        },
+    )
 
 
 def _statement_response(request: Request, result: Statement) -> Response:
@@ -78,11 +101,13 @@ STATEMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses=problem_responses(merchants.LotUnknown),
 )
 def create_merchant(
-    data: MerchantCreate, _: AdminAuth, db: DbSession, request: Request
+    data: MerchantCreate, who: AdminAuth, db: DbSession, request: Request
 ) -> MerchantCreated:
     """Register a merchant at a car park. The answer carries its API key: the only time it is
-    shown (it is stored hashed). Limits: validations per parking and per Asia/Shanghai day."""
+    shown (it is stored hashed). Limits: validations per parking and per Asia/Shanghai day.
+    Audited."""
     created, api_key = merchants.create_merchant(db, _internal(request, "lots"), data)
+    _audit(db, who, "merchant.create", created)
     return _created(created, api_key)
 
 
@@ -119,11 +144,14 @@ def merchant_statement(
     response_model=MerchantCreated,
     responses=problem_responses(NotFound),
 )
-def rotate_merchant_key(merchant_id: str, _: AdminAuth, db: DbSession) -> MerchantCreated:
+def rotate_merchant_key(merchant_id: str, who: AdminAuth, db: DbSession) -> MerchantCreated:
     """Issue the merchant a new API key (e.g. when the old one leaked); the old key stops
-    working at once. The answer is the only time the new key is shown."""
+    working at once. The answer is the only time the new key is shown. Audited."""
     found = merchants.get_merchant(db, merchant_id)
-    return _created(found, merchants.rotate_key(db, found))
+    before = {"key_prefix": found.key_prefix}
+    api_key = merchants.rotate_key(db, found)
+    _audit(db, who, "merchant.key_rotate", found, before)
+    return _created(found, api_key)
 
 
 @merchant.post(

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, status
 
 from services.billing.reconciliation import service as reconciliations
 from services.billing.reconciliation.schemas import ReconciliationIn, ReconciliationOut, Resolution
+from shared import audit
 from shared.auth import FinanceAuth, ViewerAuth
 from shared.deps import DbSession
 from shared.errors import NotFound, UpstreamUnavailable
@@ -24,12 +25,31 @@ admin = APIRouter(prefix="/v1/admin", tags=["admin: billing"])
     responses=problem_responses(reconciliations.ProviderUnknown, UpstreamUnavailable),
 )
 def run(
-    data: ReconciliationIn, request: Request, _: FinanceAuth, db: DbSession
+    data: ReconciliationIn, request: Request, who: FinanceAuth, db: DbSession
 ) -> ReconciliationOut:
-    """Compare a day's captures and refunds with the provider's statement; the result is kept."""
-    return reconciliations.reconcile(
+    """Compare a day's captures and refunds with the provider's statement; the result is kept.
+    Audited."""
+    result = reconciliations.reconcile(
         db, request.app.state.runtime.providers, data.provider, data.date
     )
+    audit.record(
+        db,
+        who,
+        service="billing",
+        action="reconciliation.run",
+        entity="reconciliation",
+        entity_id=result.id,
+        after={
+            "date": result.date.isoformat(),
+            "provider": result.provider,
+            "status": result.status,
+            "matched": result.matched,
+            "missing_ours": len(result.missing_ours),
+            "missing_theirs": len(result.missing_theirs),
+            "amount_mismatch": len(result.amount_mismatch),
+        },
+    )
+    return result
 
 
 @admin.get("/reconciliations", response_model=list[ReconciliationOut])
@@ -51,5 +71,15 @@ def listing(
 def resolve(
     reconciliation_id: str, data: Resolution, who: FinanceAuth, db: DbSession
 ) -> ReconciliationOut:
-    """Finance closes a reconciliation's differences with a note of what was done."""
-    return reconciliations.resolve(db, reconciliation_id, who.id, data.note)
+    """Finance closes a reconciliation's differences with a note of what was done. Audited."""
+    result = reconciliations.resolve(db, reconciliation_id, who.id, data.note)
+    audit.record(
+        db,
+        who,
+        service="billing",
+        action="reconciliation.resolve",
+        entity="reconciliation",
+        entity_id=result.id,
+        after={"status": result.status, "resolution": result.resolution},
+    )
+    return result

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from services.billing.refund import service as refunds
 from services.billing.refund.models import Dispute, Refund
 from services.billing.refund.schemas import DisputeCreate, DisputeDecision, DisputeOut, RefundOut
+from shared import audit
 from shared.auth import DriverAuth, FinanceAuth
 from shared.deps import DbSession
 from shared.errors import NotFound
@@ -42,5 +43,22 @@ def open_dispute(charge_id: str, data: DisputeCreate, who: DriverAuth, db: DbSes
 )
 def decide(dispute_id: str, data: DisputeDecision, who: FinanceAuth, db: DbSession) -> DisputeOut:
     """Refund (all that is left, or `amount_fen`) or reject. The refund goes through the
-    provider right after; the dispute shows `refund_pending`, then `refunded`."""
-    return dispute_out(db, refunds.decide(db, dispute_id, who.id, data.outcome, data.amount_fen))
+    provider right after; the dispute shows `refund_pending`, then `refunded`. Audited."""
+    dispute = refunds.decide(db, dispute_id, who.id, data.outcome, data.amount_fen)
+    audit.record(
+        db,
+        who,
+        service="billing",
+        action="dispute.decide",
+        entity="dispute",
+        entity_id=dispute.id,
+        before={"status": "open"},  # only an open dispute can be decided
+        after={
+            "status": dispute.status,
+            "outcome": dispute.outcome,
+            "charge_id": dispute.charge_id,
+            "amount_fen": dispute.amount_fen,
+            "refund_id": dispute.refund_id,
+        },
+    )
+    return dispute_out(db, dispute)

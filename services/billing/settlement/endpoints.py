@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from services.billing.settlement import service as settlements
 from services.billing.settlement.schemas import SettlementDay, SettlementRunIn
+from shared import audit
 from shared.auth import FinanceAuth, ViewerAuth
 from shared.deps import DbSession
 from shared.http import problem_responses
@@ -25,9 +26,23 @@ admin = APIRouter(prefix="/v1/admin", tags=["admin: billing"])
         **problem_responses(settlements.DayOpen),
     },
 )
-def run(data: SettlementRunIn, _: FinanceAuth, db: DbSession) -> JSONResponse:
-    """Settle a finished Asia/Shanghai day per operator; idempotent per date (201 then 200)."""
+def run(data: SettlementRunIn, who: FinanceAuth, db: DbSession) -> JSONResponse:
+    """Settle a finished Asia/Shanghai day per operator; idempotent per date (201 then 200).
+    The run that settles the day is audited; asking again changes nothing and is not."""
     created, result = settlements.run(db, data.date)
+    if created:
+        audit.record(
+            db,
+            who,
+            service="billing",
+            action="settlement.run",
+            entity="settlement",
+            entity_id=data.date.isoformat(),
+            after={
+                "operators": len(result.settlements),
+                "payout_fen": sum(s.payout_fen for s in result.settlements),
+            },
+        )
     return JSONResponse(
         result.model_dump(mode="json"),
         status_code=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
