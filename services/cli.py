@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 import uvicorn
 from rich.console import Console
+from sqlalchemy.orm import Session, sessionmaker
 
 from services.deadletters_cli import app as deadletters_app
 from services.gateway.gate.cli import app as gate_app
@@ -170,19 +171,60 @@ def migrate() -> None:
 @admin_app.command("token")
 def admin_token(
     role: Annotated[Role, typer.Option(help="admin, finance or viewer.")] = Role.admin,
-    note: Annotated[str, typer.Option(help="Who or what the token is for.")] = "",
+    ttl: Annotated[
+        str | None,
+        typer.Option(help="Lifetime: 30m, 8h, 7d (default: CITYPARK_ADMIN_TOKEN_TTL_S, 8h)."),
+    ] = None,
+    name: Annotated[str, typer.Option(help="Who holds the token.")] = "",
+    note: Annotated[str, typer.Option(help="What the token is for.")] = "",
 ) -> None:
-    """Print a new admin token (only its hash is stored)."""
+    """Print a new admin token, once (only its id and hash are stored). Revoke it by its id
+    with `citypark admin revoke`."""
     settings = _settings()
+    from services.gateway.tokens import service as tokens
+    from shared.db import transaction
+
+    try:
+        ttl_s = tokens.parse_ttl(ttl) if ttl else settings.admin_token_ttl_s
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    with transaction(_gateway_db(settings)) as db:
+        issued = tokens.issue(
+            db, settings.jwt_secret.get_secret_value(), role, ttl_s=ttl_s, name=name, note=note
+        )
+    console.print(f"token id {issued.jti}, {role.value}, expires {issued.expires_at.isoformat()}")
+    print(issued.token)  # noqa: T201 - the token is the command's output
+
+
+@admin_app.command("revoke")
+def admin_revoke(
+    jti: Annotated[str, typer.Argument(help="The token's id (`GET /v1/admin/tokens`).")],
+    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+) -> None:
+    """Revoke an admin token: every service refuses it within seconds."""
+    settings = _settings()
+    from services.gateway.tokens import service as tokens
+    from shared.db import transaction
+    from shared.errors import Problem
+
+    try:
+        with transaction(_gateway_db(settings)) as db:
+            row = tokens.revoke(db, jti, tokens.CLI_ACTOR, reason=reason)
+            revoked_at = row.revoked_at
+    except Problem as exc:
+        console.print(f"[red]{exc.code}:[/red] {exc.detail}")
+        raise typer.Exit(1) from exc
+    console.print(f"revoked {jti} at {revoked_at.isoformat() if revoked_at else '?'}")
+
+
+def _gateway_db(settings: Settings) -> sessionmaker[Session]:
+    """The gateway's tables, migrated (the first token may come before the first start)."""
     from services import city
-    from services.gateway import admin_tokens
-    from shared.db import make_engine, make_sessionmaker, transaction
+    from shared.db import make_engine, make_sessionmaker
 
     city.migrate(settings, [city.PARTS["gateway"]])
-    factory = make_sessionmaker(make_engine(settings.database_url))
-    with transaction(factory) as db:
-        token = admin_tokens.create(db, settings.jwt_secret.get_secret_value(), role, note)
-    print(token)  # noqa: T201 - the token is the command's output
+    return make_sessionmaker(make_engine(settings.database_url))
 
 
 @ledger_app.command("check")

@@ -44,6 +44,8 @@ def problem(status: int, code: str, title: str) -> type[Problem]:
 ValidationFailed = problem(422, "validation_failed", "The request body or parameters are invalid")
 NotFound = problem(404, "not_found", "Not found")
 Unauthorized = problem(401, "unauthorized", "Authentication required")
+TokenExpired = problem(401, "token_expired", "The token has expired")
+TokenRevoked = problem(401, "token_revoked", "The token was revoked")
 Forbidden = problem(403, "forbidden", "Not allowed")
 Conflict = problem(409, "conflict", "Conflict")
 RateLimited = problem(429, "rate_limited", "Too many requests")

@@ -63,6 +63,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE
+from shared.keys import Purpose, derive
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -108,7 +109,7 @@ def _derive(secret: str) -> tuple[str, AESGCM]:
     def hkdf(info: bytes, length: int) -> bytes:
         return HKDF(
             algorithm=hashes.SHA256(), length=length, salt=b"citypark-idempotency", info=info
-        ).derive(secret.encode())
+        ).derive(derive(secret, Purpose.idempotency))  # the master secret's idempotency key
 
     # The key id comes from its own HKDF output: it names the key without revealing it.
     kid = hkdf(b"answer key id", 6).hex()

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import sessionmaker as SessionFactory  # not shadowed by the properties
 
+from shared.auth import Revocations, gateway_revocations
 from shared.bus.port import EventBus
 from shared.db import make_engine, make_sessionmaker, read_only_sessionmaker
 from shared.internal import InternalClient
@@ -30,6 +31,8 @@ class Runtime:
     source: str  # the service name, used as CloudEvents `source` and outbox owner
     # Adapters a service plugs in at start-up (e.g. billing's payment providers).
     providers: dict[str, Any] = field(default_factory=dict)
+    # Billing's vehicle registry port (proof of ownership), plugged at start-up like those.
+    vehicle_registry: Any = None
     internal_clients: dict[str, InternalClient] = field(default_factory=dict)
 
     @cached_property
@@ -73,7 +76,14 @@ class Runtime:
 
     @property
     def secret(self) -> str:
+        """The master secret; each use derives its own key from it (shared/keys.py)."""
         return self.settings.jwt_secret.get_secret_value()
+
+    @cached_property
+    def revocations(self) -> Revocations:
+        """Revoked admin tokens, asked of the gateway; a process that serves the gateway
+        replaces this with its own table (services/gateway/main.py)."""
+        return Revocations(gateway_revocations(self.settings.gateway_url, self.secret))
 
 
 @dataclass(frozen=True)

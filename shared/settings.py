@@ -5,8 +5,10 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 
-from pydantic import Field, IPvAnyNetwork, SecretStr
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.keys import secret_problem
 
 
 class BusKind(StrEnum):
@@ -20,7 +22,10 @@ class CacheKind(StrEnum):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CITYPARK_", env_file=".env", extra="ignore")
+    # Errors never echo the values: a refused secret must not end up in a log.
+    model_config = SettingsConfigDict(
+        env_prefix="CITYPARK_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     # Embedded defaults: `make run` needs nothing but a secret.
     database_url: str = "sqlite:///.local/citypark.db"
@@ -29,10 +34,13 @@ class Settings(BaseSettings):
     bus: BusKind = BusKind.log
     cache: CacheKind = CacheKind.memory
 
-    # Signs driver and admin tokens and derives the internal service token. No default.
+    # The master secret: every key of the city (tokens, internal calls, OTP hashes, webhook
+    # secrets, idempotency, paysandbox) is derived from it per purpose (shared/keys.py). No
+    # default; at least 32 random bytes, placeholders are refused at start-up.
     jwt_secret: SecretStr
-    # The secret's earlier values while it is rotated (a JSON list): answers remembered for an
-    # `Idempotency-Key` were encrypted under a key derived from them and stay readable.
+    # The secret's earlier values while it is rotated (a JSON list): tokens signed and internal
+    # calls made under them are still accepted, and answers remembered for an `Idempotency-Key`
+    # (encrypted under a key derived from them) stay readable.
     jwt_secret_previous: list[SecretStr] = Field(default_factory=list)
     driver_token_ttl_s: int = 7 * 24 * 3600
     otp_ttl_s: int = 300
@@ -61,6 +69,7 @@ class Settings(BaseSettings):
     vehicle_registry_url: str = "http://127.0.0.1:8000/sandbox/vehicle-registry"
 
     # Where each service is reached for synchronous internal calls.
+    gateway_url: str = "http://127.0.0.1:8000"
     lots_url: str = "http://127.0.0.1:8000"
     sessions_url: str = "http://127.0.0.1:8000"
     billing_url: str = "http://127.0.0.1:8000"
@@ -118,6 +127,15 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("jwt_secret", "jwt_secret_previous", "paysandbox_notify_secret")
+    @classmethod
+    def _strong_secret(cls, value: object, info: ValidationInfo) -> object:
+        """Refuse to start on a short or placeholder secret rather than sign with it."""
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, SecretStr) and (why := secret_problem(item.get_secret_value())):
+                raise ValueError(f"CITYPARK_{(info.field_name or '').upper()} {why}")
+        return value
 
 
 @lru_cache(maxsize=1)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from pathlib import Path
 
 from services.billing import consumers, endpoints
@@ -17,6 +15,7 @@ from services.billing.reconciliation import endpoints as reconciliation_endpoint
 from services.billing.refund import endpoints as refund_endpoints
 from services.billing.settlement import endpoints as settlement_endpoints
 from services.billing.stuck import endpoints as stuck_endpoints
+from shared.keys import Purpose, derive_hex
 from shared.runtime import Migrations, Part, Runtime
 from shared.settings import Settings
 
@@ -25,9 +24,7 @@ def sandbox_notify_secret(settings: Settings) -> str:
     """The secret the sandbox signs notifications with (the same derivation on both sides)."""
     if settings.paysandbox_notify_secret is not None:
         return settings.paysandbox_notify_secret.get_secret_value()
-    return hmac.new(
-        settings.jwt_secret.get_secret_value().encode(), b"paysandbox-notify", hashlib.sha256
-    ).hexdigest()
+    return derive_hex(settings.jwt_secret.get_secret_value(), Purpose.paysandbox_notify)
 
 
 def _plug_providers(rt: Runtime) -> None:
@@ -38,7 +35,10 @@ def _plug_providers(rt: Runtime) -> None:
     rt.providers.setdefault(
         "sandbox",
         SandboxProvider(
-            s.paysandbox_url, notify_url=notify_url, notify_secret=sandbox_notify_secret(s)
+            s.paysandbox_url,
+            notify_url=notify_url,
+            notify_secret=sandbox_notify_secret(s),
+            token=derive_hex(s.jwt_secret.get_secret_value(), Purpose.paysandbox),
         ),
     )
 

@@ -12,6 +12,9 @@ from services.gateway.deadletters import endpoints as deadletters
 from services.gateway.districts import endpoints as districts
 from services.gateway.gate import consumers
 from services.gateway.ops import endpoints as ops
+from services.gateway.tokens import endpoints as tokens
+from services.gateway.tokens import service as token_service
+from shared.auth import Revocations
 from shared.bus.outbox import run_relay
 from shared.runtime import Migrations, Part, Runtime, Worker
 from shared.settings import BusKind
@@ -38,10 +41,24 @@ def _workers(rt: Runtime) -> list[Worker]:
     return out
 
 
+def _on_app(app: FastAPI, rt: Runtime) -> None:
+    _admission(app, rt)
+    # The process serving the gateway reads revocations from its own table instead of asking
+    # itself over HTTP; revoking here takes effect in this process at once.
+    rt.revocations = Revocations(token_service.table_source(rt.read_sessionmaker))
+
+
 part = Part(
     name="gateway",
-    routers=[connector.router, districts.router, ops.router, deadletters.router],
+    routers=[
+        connector.router,
+        districts.router,
+        ops.router,
+        deadletters.router,
+        tokens.router,
+        tokens.internal,
+    ],
     workers=_workers,
-    on_app=_admission,
+    on_app=_on_app,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_gateway"),
 )

@@ -25,12 +25,12 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, BackgroundTasks, Request, Response, status
+from fastapi import APIRouter, BackgroundTasks, Depends, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
-from services.paysandbox import notify
+from services.paysandbox import auth, notify
 from services.paysandbox.models import Agreement, SandboxCharge, SandboxRefund
 from shared.deps import DbSession
 from shared.errors import problem
@@ -38,7 +38,12 @@ from shared.http import problem_response, problem_responses
 from shared.settings import Settings
 from shared.timeutil import utcnow
 
-router = APIRouter(prefix="/v1", tags=["payment sandbox"])
+router = APIRouter(
+    prefix="/v1",
+    tags=["payment sandbox"],
+    dependencies=[Depends(auth.require_caller)],
+    responses=problem_responses(auth.SandboxTokenInvalid),
+)
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 AgreementUnknown = problem(404, "agreement_unknown", "No such agreement")

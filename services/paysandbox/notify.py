@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.paysandbox.models import SandboxNotification
 from shared import workqueue
+from shared.keys import Purpose, derive_hex
 from shared.settings import Settings
 from shared.timeutil import utcnow
 
@@ -38,9 +39,7 @@ MAX_BACKOFF_S = 300
 def notify_secret(settings: Settings) -> str:
     if settings.paysandbox_notify_secret is not None:
         return settings.paysandbox_notify_secret.get_secret_value()
-    return hmac.new(
-        settings.jwt_secret.get_secret_value().encode(), b"paysandbox-notify", hashlib.sha256
-    ).hexdigest()
+    return derive_hex(settings.jwt_secret.get_secret_value(), Purpose.paysandbox_notify)
 
 
 def sign(secret: str, body: bytes, at: int | None = None) -> str:

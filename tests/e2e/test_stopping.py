@@ -346,7 +346,7 @@ def test_a_district_adapter_stops_within_10_s_under_load_and_loses_nothing(
             kafka_bootstrap=infra.kafka_bootstrap,
             bus=BusKind.kafka,
             cache=CacheKind.redis,
-            jwt_secret=SecretStr("unused-here"),
+            jwt_secret=SecretStr("stopping-tests-secret-0123456789abcdef"),
         )
         provision.ensure_topic(settings, code)
         bus = KafkaBus(infra.kafka_bootstrap)

@@ -11,8 +11,8 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from services.gateway import admin_tokens
 from services.gateway.connector.admission import Admission
+from services.gateway.tokens import service as admin_tokens
 from shared.auth import Role
 from shared.db import make_engine, make_sessionmaker, transaction
 from shared.http import make_app

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from services.billing.charge import service as charges
 from services.cli import app as cli
-from services.gateway import admin_tokens
 from services.gateway.gate import state as gate_state
+from services.gateway.tokens import service as admin_tokens
 from services.lots.schemas import EXAMPLE_TARIFF
 from shared.auth import Role
 from shared.bus.models import LogRow

@@ -27,7 +27,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
 
 
 def admin_headers(client: TestClient) -> dict[str, str]:
-    from services.gateway import admin_tokens
+    from services.gateway.tokens import service as admin_tokens
     from shared.auth import Role
     from shared.db import transaction
 

@@ -19,10 +19,10 @@ from citypark_connector import sign_request
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from services.gateway import admin_tokens
 from services.gateway.gate import consumers as gate_consumers
 from services.gateway.gate import rebuild
 from services.gateway.gate import state as gate_state
+from services.gateway.tokens import service as admin_tokens
 from services.lots.schemas import EXAMPLE_TARIFF
 from shared.auth import Role
 from shared.bus.models import DeadLetter

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.gateway import admin_tokens
+from services.gateway.tokens import service as admin_tokens
 from shared.auth import Role, issue_driver_token
 from shared.db import transaction
 from tests.embedded_city import embedded_city

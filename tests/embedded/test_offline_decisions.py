@@ -20,8 +20,8 @@ from citypark_connector import ConnectorClient, SignatureAuth
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from services.gateway import admin_tokens
 from services.gateway.gate import state as gate_state
+from services.gateway.tokens import service as admin_tokens
 from services.lots.schemas import EXAMPLE_TARIFF
 from shared.auth import Role
 from shared.bus.models import LogRow

@@ -76,7 +76,7 @@ def client(rt: Runtime) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def admin(client: TestClient, rt: Runtime) -> dict[str, str]:
-    from services.gateway import admin_tokens
+    from services.gateway.tokens import service as admin_tokens
     from shared.auth import Role
     from shared.db import transaction
 

@@ -267,13 +267,16 @@ def test_answers_stay_readable_across_a_secret_rotation(settings: Settings) -> N
     db_file = Path(settings.database_url.removeprefix("sqlite:///"))
 
     rotated = _settings(
-        settings.cache, db_file, secret="the-next-secret-long-enough", jwt_secret_previous=[SECRET]
+        settings.cache,
+        db_file,
+        secret="next-idem-secret-0123456789abcdef",
+        jwt_secret_previous=[SECRET],
     )
     with TestClient(_sign_in_app(rotated)[0]) as client:
         replay = client.post("/v1/auth/token", **request)
         assert replay.json() == token
 
-    forgotten = _settings(settings.cache, db_file, secret="the-next-secret-long-enough")
+    forgotten = _settings(settings.cache, db_file, secret="next-idem-secret-0123456789abcdef")
     with TestClient(_sign_in_app(forgotten)[0]) as client:
         lost = client.post("/v1/auth/token", **request)
         assert lost.status_code == 409

@@ -15,7 +15,7 @@ NOW = 1_800_000_000.25  # a quarter second into a one-second window
 
 def runtime(requests: int = 50, window_s: int = 1) -> Runtime:
     settings = Settings(
-        jwt_secret=SecretStr("x" * 40),
+        jwt_secret=SecretStr("unit-secret-0123456789abcdefghij"),
         connector_rate_limit_requests=requests,
         connector_rate_limit_window_s=window_s,
         _env_file=None,  # type: ignore[call-arg]
@@ -30,7 +30,8 @@ def admitted(rt: Runtime, n: int, now: float = NOW, lot: str = "lot-1") -> int:
 
 
 def test_the_default_budget_is_fifty_a_second() -> None:
-    rt = Runtime(Settings(jwt_secret=SecretStr("x" * 40), _env_file=None), "gateway")  # type: ignore[call-arg]
+    secret = SecretStr("unit-secret-0123456789abcdefghij")
+    rt = Runtime(Settings(jwt_secret=secret, _env_file=None), "gateway")  # type: ignore[call-arg]
     rt.__dict__["redis"] = fakeredis.FakeRedis()
     assert ratelimit.limit_for(rt) == ratelimit.RateLimit(requests=50, window_s=1)
     assert admitted(rt, 60) == 50
@@ -57,7 +58,7 @@ def test_the_window_setting_changes_the_wait() -> None:
 def test_settings_come_from_the_environment_and_must_be_positive(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("CITYPARK_JWT_SECRET", "x" * 40)
+    monkeypatch.setenv("CITYPARK_JWT_SECRET", "unit-secret-0123456789abcdefghij")
     monkeypatch.setenv("CITYPARK_CONNECTOR_RATE_LIMIT_REQUESTS", "7")
     monkeypatch.setenv("CITYPARK_CONNECTOR_RATE_LIMIT_WINDOW_S", "5")
     s = Settings(_env_file=None)  # type: ignore[call-arg]

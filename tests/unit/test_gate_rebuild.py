@@ -117,7 +117,8 @@ OPEN = "/internal/sessions/gate/open"
 
 
 def city(r: fakeredis.FakeRedis, transport: Any) -> Runtime:
-    rt = Runtime(Settings(jwt_secret=SecretStr("unit-secret-long-enough")), source="gateway")
+    secret = SecretStr("unit-secret-0123456789abcdefghij")
+    rt = Runtime(Settings(jwt_secret=secret), source="gateway")
     rt.__dict__["redis"] = r
     for name in ("billing", "sessions"):
         rt.internal_clients[name] = InternalClient("http://svc", rt.secret, transport=transport)

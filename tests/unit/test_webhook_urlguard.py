@@ -248,7 +248,7 @@ def test_a_private_network_can_be_allowed_for_development() -> None:
 def test_settings_default_to_strict_and_parse_networks_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("CITYPARK_JWT_SECRET", "x" * 40)
+    monkeypatch.setenv("CITYPARK_JWT_SECRET", "unit-secret-0123456789abcdefghij")
     s = Settings(_env_file=None)  # type: ignore[call-arg]
     assert (s.webhook_allow_http, s.webhook_allowed_networks) == (False, [])
     monkeypatch.setenv("CITYPARK_WEBHOOK_ALLOW_HTTP", "true")
@@ -371,7 +371,7 @@ def test_the_real_client_follows_no_redirects_and_no_environment_proxy() -> None
 
 
 def test_from_settings_defaults_to_https_only() -> None:
-    s = Settings(jwt_secret=SecretStr("x" * 40), _env_file=None)  # type: ignore[call-arg]
+    s = Settings(jwt_secret=SecretStr("unit-secret-0123456789abcdefghij"), _env_file=None)  # type: ignore[call-arg]
     g = UrlGuard.from_settings(s, resolver=FakeDns({"hooks.example.com": [PUBLIC]}))
     assert g.check("https://hooks.example.com/").address == PUBLIC
     assert "Only https" in refused(g, "http://hooks.example.com/")

@@ -23,6 +23,7 @@ from services.billing.driver.models import SmsMessage
 from services.billing.notification.models import Notification
 from services.billing.notification.urlguard import UrlGuard
 from shared.errors import Problem
+from shared.keys import Purpose, derive
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +56,8 @@ class SmsSandbox:
 def webhook_secret(platform_secret: str, webhook_id: str) -> str:
     """Each registration's signing secret, derived so that none is stored: a new
     registration (a new id) is a new secret."""
-    mac = hmac.new(platform_secret.encode(), f"webhook:{webhook_id}".encode(), hashlib.sha256)
+    key = derive(platform_secret, Purpose.webhook_secrets)  # the master secret's webhook key
+    mac = hmac.new(key, f"webhook:{webhook_id}".encode(), hashlib.sha256)
     return "whsec_" + mac.hexdigest()
 
 

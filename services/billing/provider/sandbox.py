@@ -37,9 +37,12 @@ class SandboxProvider:
         transport: httpx.BaseTransport | None = None,
         notify_url: str | None = None,
         notify_secret: str | None = None,
+        token: str | None = None,
     ) -> None:
+        # Outside sandbox mode the sandbox answers only callers with this bearer token.
+        headers = {"authorization": f"Bearer {token}"} if token else None
         self.http = httpx.Client(
-            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport
+            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport, headers=headers
         )
         self.notify_url = notify_url
         self.notify_secret = notify_secret
