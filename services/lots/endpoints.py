@@ -8,7 +8,7 @@ from typing import Annotated
 import redis
 from fastapi import APIRouter, Depends, Query, Request, status
 
-from services.lots import audit, occupancy, passes, service
+from services.lots import audit, occupancy, passes, quote_auth, service
 from services.lots.models import District, Lot, LotKey, Occupancy, Operator, TariffVersion
 from services.lots.schemas import (
     AuditEntryOut,
@@ -338,6 +338,31 @@ def add_district_key(code: str, key: PublicKeyIn, db: DbSession, who: AdminAuth)
     return KeyOut(key_id=row.key_id, created_at=row.created_at)
 
 
+@admin.delete(
+    "/districts/{code}/keys/{key_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problem_responses(service.KeyUnknownHere),
+)
+def revoke_district_key(code: str, key_id: str, db: DbSession, who: AdminAuth) -> None:
+    """Revoke a district platform's key: the gateway refuses its signatures within seconds
+    (it caches keys for 10 s); its id stays on record, never reused. Repeats answer 204."""
+    row, revoked = service.revoke_district_key(db, code, key_id)
+    if revoked:
+        audit.record(
+            db,
+            who,
+            "key.revoke",
+            "district",
+            code,
+            before={"key_id": row.key_id, "district": code, "revoked_at": None},
+            after={
+                "key_id": row.key_id,
+                "district": code,
+                "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+            },
+        )
+
+
 @admin.get(
     "/audit",
     response_model=AuditPage,
@@ -431,14 +456,29 @@ def lots_near(
     "/v1/quotes",
     response_model=QuoteOut,
     responses=problem_responses(
-        service.LotUnknown, PlateColorInvalid, PlateInvalid, QuoteInputInvalid, service.StayTooLong
+        service.LotUnknown,
+        PlateColorInvalid,
+        PlateInvalid,
+        QuoteInputInvalid,
+        service.StayTooLong,
+        quote_auth.AuthRequired,
     ),
 )
-def create_quote(data: QuoteRequest, db: DbSession) -> QuoteOut:
+def create_quote(
+    data: QuoteRequest, db: DbSession, caller: quote_auth.QuoteCallerDep, request: Request
+) -> QuoteOut:
     """What a stay costs at a car park, with one breakdown line per stretch (SPEC §8).
 
     Priced by the tariff version in force at `entered_at`, exactly as billing prices the stay.
+    Open to anyone without `plate`. With `plate` (its passes make their units free) it needs
+    the driver's bearer token or the car park's connector signature: 401 `auth_required`
+    otherwise. A plate that is not the driver's own (or a car park other than the signer's)
+    is priced as if it held no pass there.
     """
+    if data.plate is not None and not quote_auth.plate_shown(
+        request.app.state.runtime, caller, data.lot_id, data.plate, data.plate_color
+    ):
+        data = data.model_copy(update={"plate": None})
     _, fee, breakdown = service.price(
         db,
         data.lot_id,

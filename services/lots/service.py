@@ -443,7 +443,11 @@ def add_district_key(db: Session, code: str, key: PublicKeyIn) -> DistrictKey:
     if db.get(District, code) is None:
         raise NotFound(f"No district {code!r}")
     count = (
-        db.scalar(select(func.count()).select_from(DistrictKey).where(DistrictKey.district == code))
+        db.scalar(
+            select(func.count())
+            .select_from(DistrictKey)
+            .where(DistrictKey.district == code, DistrictKey.revoked_at.is_(None))
+        )
         or 0
     )
     if count >= MAX_KEYS:
@@ -456,7 +460,27 @@ def add_district_key(db: Session, code: str, key: PublicKeyIn) -> DistrictKey:
 
 
 def district_key_ids(db: Session, code: str) -> list[str]:
-    return list(db.scalars(select(DistrictKey.key_id).where(DistrictKey.district == code)))
+    """The district platform's active keys."""
+    return list(
+        db.scalars(
+            select(DistrictKey.key_id).where(
+                DistrictKey.district == code, DistrictKey.revoked_at.is_(None)
+            )
+        )
+    )
+
+
+def revoke_district_key(db: Session, code: str, key_id: str) -> tuple[DistrictKey, bool]:
+    """Stop a district platform's key signing; (the key, whether it was active until now).
+    Its id stays on record, never reused."""
+    row = db.get(DistrictKey, key_id)
+    if row is None or row.district != code:
+        raise KeyUnknownHere(f"District {code!r} has no key {key_id!r}")
+    if row.revoked_at is not None:
+        return row, False
+    row.revoked_at = utcnow()
+    db.flush()
+    return row, True
 
 
 def tariff_at(db: Session, lot_id: str, at: datetime) -> Tariff:
@@ -555,7 +579,7 @@ def resolve_key(db: Session, key_id: str) -> KeyResolution:
             postpay_enabled=lot.postpay_enabled,
         )
     district_key = db.get(DistrictKey, key_id)
-    if district_key is not None:
+    if district_key is not None and district_key.revoked_at is None:
         return KeyResolution(
             key_id=key_id,
             public_key_pem=district_key.public_key_pem,

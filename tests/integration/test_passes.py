@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 import redis
-from citypark_connector import ConnectorClient, ConnectorError
+from citypark_connector import ConnectorClient, ConnectorError, SignatureAuth
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -166,9 +166,11 @@ def quote(gw: Gateway, lot: Lot, entered: datetime, exited: datetime, plate: str
         "vehicle_type": "small",
         "plate_color": "blue",
     }
-    if plate is not None:
+    auth = None
+    if plate is not None:  # the car park's own signature may quote with a plate
         body["plate"] = plate
-    answer = httpx.post(gw.url + "/v1/quotes", json=body, timeout=10)
+        auth = SignatureAuth(lot.key.key_id, lot.key.private_pem)
+    answer = httpx.post(gw.url + "/v1/quotes", json=body, timeout=10, auth=auth)
     assert answer.status_code == 200, answer.text
     return int(answer.json()["fee_fen"])
 

@@ -8,6 +8,7 @@ them, signatures created before the loss was noticed are refused (see docs/gate.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -16,11 +17,14 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from services.gateway.gate import rebuild
-from shared.errors import NonceReused, NotFound, problem
+from shared.errors import KeyUnknown, NonceReused, NotFound, problem
 from shared.runtime import Runtime
 from shared.signatures import load_public_key, verify_request
 
 KEY_CACHE_S = 10  # a deleted key stops working within this many seconds
+# Key ids are registered in this shape; anything else is unknown before any lookup, so a
+# caller's text never reaches an internal URL or a cache key.
+KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 SignaturePredatesReset = problem(
     401,
@@ -41,6 +45,8 @@ class Caller:
 
 
 def _resolve(rt: Runtime, key_id: str) -> dict[str, object] | None:
+    if not KEY_ID.fullmatch(key_id) or key_id.strip(".") == "":
+        raise KeyUnknown("No key is registered under this keyid")
     cache_key = f"citypark:gw:key:{key_id}"
     cached = rt.redis.get(cache_key)
     if cached is not None:

@@ -4,9 +4,8 @@ dialect (SPEC §5), signed with its own key like a connector (SPEC §4)."""
 from __future__ import annotations
 
 import math
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -34,17 +33,6 @@ def _rt(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-def _bounded(request: Request) -> None:
-    """Refuse an announced oversize body before anyone reads (or hashes) it."""
-    length = request.headers.get("content-length", "")
-    most = service.limits(_rt(request)).max_body_bytes
-    if length.isdigit() and int(length) > most:
-        raise service.BodyTooLarge(f"{length} bytes announced; at most {most} per batch")
-
-
-BoundedBody = Annotated[None, Depends(_bounded)]
-
-
 @router.post(
     "/v1/districts/{district}/events",
     response_model=DistrictBatchOut,
@@ -63,15 +51,16 @@ BoundedBody = Annotated[None, Depends(_bounded)]
     ),
 )
 async def push_events(
-    district: str, _: BoundedBody, caller: SignedCaller, request: Request
+    district: str, caller: SignedCaller, request: Request
 ) -> DistrictBatchOut | JSONResponse:
     """A batch of the district platform's records in the district's dialect (`canonical`,
     `legacy-json`, `xml` or `csv`, as registered for the district).
 
     Every record gets its own result: `accepted` (durable, on its way to sessions), `duplicate`
     (this serial was sent before) or `rejected` with a `code` — one bad record never holds back
-    the others. A body that cannot be read at all is a 422 problem; too big, a 413; over the
-    district's budget, a 429 with `Retry-After`."""
+    the others. A body that cannot be read at all is a 422 problem; too big (counted while it
+    arrives, chunked or not, before the signature is checked), a 413; over the district's
+    budget, a 429 with `Retry-After`."""
     if caller.kind != "district" or caller.district != district:
         raise service.DistrictKeyMismatch(
             f"key {caller.key_id!r} may not push for district {district!r}"
