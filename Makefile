@@ -35,7 +35,7 @@ venv: $(STAMP) ## create the virtualenv and install the project
 
 run: venv .env ## the whole city in one process on the embedded default, http://127.0.0.1:8000
 	@mkdir -p .local
-	$(BIN)/citypark run all --demo
+	CITYPARK_SANDBOX_MODE=true $(BIN)/citypark run all --demo
 
 infra-up: venv ## start PostgreSQL, Redis and Kafka on loopback (idempotent)
 	bash deploy/local/infra.sh up

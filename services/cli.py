@@ -93,6 +93,8 @@ def _serve(application: object, host: str, port: int) -> None:
         port=port,
         log_level="warning",
         timeout_graceful_shutdown=HTTP_DRAIN_S,
+        # The peer is the socket's: only the gateway's proven header names another (forwarding).
+        proxy_headers=False,
     )
     Server(config).run()
 

@@ -57,11 +57,16 @@ def problem_responses(*problems: type[Problem]) -> dict[int | str, dict[str, Any
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return JSONResponse(
+        response = JSONResponse(
             exc.to_dict(instance=request.url.path),
             status_code=exc.status,
             media_type=PROBLEM_CONTENT_TYPE,
         )
+        # A problem that says when to come back (`retry_after_s`) says it in the header too.
+        retry_after = exc.extra.get("retry_after_s")
+        if isinstance(retry_after, int) and retry_after > 0:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

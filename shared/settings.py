@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     driver_token_ttl_s: int = 7 * 24 * 3600
     otp_ttl_s: int = 300
     otp_max_attempts: int = 5
-    sandbox_mode: bool = True
+    # Sandbox mode keeps what the SMS port sends (sign-in codes included) in an outbox admins
+    # read at /v1/admin/sandbox/sms. For development and tests only: `make run` turns it on.
+    sandbox_mode: bool = False
     admin_token_ttl_s: int = Field(
         8 * 3600, ge=60, description="How long an admin token lasts unless `--ttl` says otherwise."
     )

@@ -31,15 +31,24 @@ def wait_for(check: Callable[[], T | None], timeout_s: float = 30) -> T:
 
 
 @contextmanager
-def embedded_city(db_file: Path, *, raise_server_exceptions: bool = True) -> Iterator[TestClient]:
-    # Explicit backends: `make test` exports the real ones for the other suites.
-    settings = Settings(
-        bus=BusKind.log,
-        cache=CacheKind.memory,
-        database_url=f"sqlite:///{db_file}",
-        jwt_secret=SecretStr("embedded-test-secret-of-32-bytes!"),
-        paysandbox_url="http://testserver/sandbox/pay",
-    )
+def embedded_city(
+    db_file: Path, *, raise_server_exceptions: bool = True, **overrides: Any
+) -> Iterator[TestClient]:
+    # Explicit backends: `make test` exports the real ones for the other suites. Drivers read
+    # their codes from the sandbox SMS outbox; every request comes from the test client's one
+    # address, and the in-process cache outlives a city, so sign-in limits are out of the way
+    # unless a test sets them (`overrides`).
+    fields: dict[str, Any] = {
+        "bus": BusKind.log,
+        "cache": CacheKind.memory,
+        "database_url": f"sqlite:///{db_file}",
+        "jwt_secret": SecretStr("embedded-test-secret-of-32-bytes!"),
+        "paysandbox_url": "http://testserver/sandbox/pay",
+        "sandbox_mode": True,
+        "signin_ip_limit": 1_000_000,
+        "signin_global_limit": 1_000_000,
+    }
+    settings = Settings(**{**fields, **overrides})
     app, rt = city.embedded(settings)
     tc = TestClient(app, raise_server_exceptions=raise_server_exceptions)
     # Internal calls of the one app go through the test transport, not a socket. Wired before

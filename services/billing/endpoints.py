@@ -1,4 +1,5 @@
-"""HTTP of billing: driver sign-in and profile, account, vehicles, charges, arrears; admin."""
+"""HTTP of billing: driver profile, account, vehicles, charges, arrears; admin (sign-in:
+`signin`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from services.billing.charge import service as charges
@@ -24,10 +24,6 @@ from services.billing.driver.schemas import (
     AccountBind,
     AccountOut,
     MeOut,
-    OtpRequest,
-    SmsOut,
-    TokenOut,
-    TokenRequest,
     VehicleIn,
     VehicleOut,
 )
@@ -36,20 +32,17 @@ from services.billing.provider.port import PaymentProvider
 from services.billing.refund import service as refunds
 from services.billing.refund.endpoints import dispute_out
 from shared.auth import (
-    AdminAuth,
     DriverAuth,
     FinanceAuth,
     InternalAuth,
-    issue_driver_token,
 )
 from shared.deps import DbSession
-from shared.errors import PROBLEM_CONTENT_TYPE, NotFound, PlateInvalid, UpstreamUnavailable
+from shared.errors import NotFound, PlateInvalid, UpstreamUnavailable
 from shared.http import problem_responses
 from shared.masking import UNMASK_RESPONSES, View, staff_view
 from shared.plates import mask_plate
 from shared.settings import Settings
 
-auth = APIRouter(prefix="/v1/auth", tags=["driver: sign-in"])
 me = APIRouter(prefix="/v1/me", tags=["driver: account"])
 admin = APIRouter(prefix="/v1/admin", tags=["admin: billing"])
 internal = APIRouter(prefix="/internal/billing", include_in_schema=False)
@@ -67,38 +60,6 @@ def _charge_out(c: Charge) -> ChargeOut:
     out = ChargeOut.model_validate(c, from_attributes=True)
     out.plate = mask_plate(out.plate)
     return out
-
-
-@auth.post(
-    "/otp", status_code=status.HTTP_202_ACCEPTED, responses=problem_responses(drivers.PhoneInvalid)
-)
-def request_otp(data: OtpRequest, db: DbSession, request: Request) -> dict[str, str]:
-    """Send a one-time sign-in code to the phone (through the SMS port)."""
-    drivers.request_otp(db, _settings(request), data.phone)
-    return {"status": "sent"}
-
-
-@auth.post(
-    "/token",
-    response_model=TokenOut,
-    responses=problem_responses(drivers.OtpInvalid, drivers.OtpLocked),
-)
-def token(data: TokenRequest, db: DbSession, request: Request) -> TokenOut | JSONResponse:
-    """Exchange phone + code for a bearer token. Codes are single-use and expire."""
-    settings = _settings(request)
-    result = drivers.verify_otp(db, settings, data.phone, data.code)
-    if isinstance(result, drivers.Problem):
-        return JSONResponse(
-            result.to_dict(instance=request.url.path),
-            status_code=result.status,
-            media_type=PROBLEM_CONTENT_TYPE,
-        )
-    return TokenOut(
-        access_token=issue_driver_token(
-            settings.jwt_secret.get_secret_value(), result.id, settings.driver_token_ttl_s
-        ),
-        expires_in=settings.driver_token_ttl_s,
-    )
 
 
 @me.get("", response_model=MeOut)
@@ -251,18 +212,6 @@ def pay_arrears(who: DriverAuth, db: DbSession) -> ArrearsOut:
     return ArrearsOut(
         arrears_fen=sum(c.amount_fen for c in owed), charges=[_charge_out(c) for c in owed]
     )
-
-
-@admin.get(
-    "/sandbox/sms",
-    response_model=list[SmsOut],
-    responses=problem_responses(NotFound, drivers.PhoneInvalid),
-)
-def sandbox_sms(phone: str, _: AdminAuth, db: DbSession, request: Request) -> list[SmsOut]:
-    """Messages the SMS port sent to a phone (sandbox mode only)."""
-    if not _settings(request).sandbox_mode:
-        raise NotFound("The SMS sandbox is off")
-    return [SmsOut.model_validate(m, from_attributes=True) for m in drivers.sms_for(db, phone)]
 
 
 @admin.get(

@@ -14,6 +14,7 @@ from services.billing.provider.sandbox import SandboxProvider
 from services.billing.reconciliation import endpoints as reconciliation_endpoints
 from services.billing.refund import endpoints as refund_endpoints
 from services.billing.settlement import endpoints as settlement_endpoints
+from services.billing.signin import endpoints as signin_endpoints
 from services.billing.stuck import endpoints as stuck_endpoints
 from shared.keys import Purpose, derive_hex
 from shared.runtime import Migrations, Part, Runtime
@@ -46,7 +47,8 @@ def _plug_providers(rt: Runtime) -> None:
 part = Part(
     name="billing",
     routers=[
-        endpoints.auth,
+        signin_endpoints.auth,
+        signin_endpoints.admin,
         endpoints.me,
         endpoints.admin,
         endpoints.internal,

@@ -9,6 +9,7 @@ import httpx
 from fastapi import APIRouter, Request, Response
 
 from shared.errors import NotFound, UpstreamUnavailable
+from shared.forwarding import FORWARDED_FOR, FORWARDED_PROOF, forwarding_proof
 from shared.settings import Settings
 
 HOP_BY_HOP = {
@@ -54,6 +55,7 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
 def make_router(settings: Settings) -> APIRouter:
     router = APIRouter(include_in_schema=False)
     table = routes(settings)
+    proof = forwarding_proof(settings.jwt_secret.get_secret_value())
     client = httpx.AsyncClient(timeout=15.0)
 
     @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -65,7 +67,10 @@ def make_router(settings: Settings) -> APIRouter:
         if upstream is None:
             raise NotFound(f"No route for {path}")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers["x-forwarded-for"] = request.client.host if request.client else ""
+        # The caller's address, and proof that the gateway (not the caller) set it: services
+        # trust `x-forwarded-for` only with it (shared/forwarding.py).
+        headers[FORWARDED_FOR] = request.client.host if request.client else ""
+        headers[FORWARDED_PROOF] = proof
         try:
             answer = await client.request(
                 request.method,

@@ -64,6 +64,7 @@ def gsettings(infra: Infra) -> Iterator[Settings]:
             bus=BusKind.kafka,
             cache=CacheKind.redis,
             jwt_secret=SecretStr("gate-rebuild-tests-secret-long-enough-for-hs256"),
+            sandbox_mode=True,  # drivers sign in with the code from the SMS outbox
             lots_url=f"http://127.0.0.1:{PORT}",
             sessions_url=f"http://127.0.0.1:{PORT}",
             billing_url=f"http://127.0.0.1:{PORT}",

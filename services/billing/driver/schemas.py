@@ -9,21 +9,6 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class OtpRequest(Strict):
-    phone: str = Field(examples=["13812345678"])
-
-
-class TokenRequest(Strict):
-    phone: str = Field(examples=["13812345678"])
-    code: str = Field(min_length=4, max_length=8, examples=["123456"])
-
-
-class TokenOut(BaseModel):
-    access_token: str
-    token_type: str = "bearer"
-    expires_in: int
-
-
 class AccountBind(Strict):
     provider: str = Field(examples=["sandbox"])
     agreement_no: str = Field(min_length=1, max_length=100, examples=["AGR-7f3c0d2e"])
@@ -54,9 +39,3 @@ class MeOut(BaseModel):
     vehicles: list[VehicleOut]
     postpay: str
     arrears_fen: int
-
-
-class SmsOut(BaseModel):
-    phone: str
-    body: str
-    sent_at: datetime

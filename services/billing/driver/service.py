@@ -1,4 +1,4 @@
-"""Drivers: sign-in by one-time code, one bound payment account, registered vehicles.
+"""Drivers: one bound payment account, registered vehicles (sign-in: `signin`).
 
 Every change of what the gate needs to know is published as a full snapshot
 (`citypark.account.updated`) through the outbox, with a version so that consumers keep
@@ -7,10 +7,7 @@ the newest one whatever the order of delivery.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
-import secrets
 from datetime import timedelta
 
 import structlog
@@ -21,15 +18,13 @@ from sqlalchemy.orm import Session
 from services.billing.charge.models import Charge, ChargeStatus
 from services.billing.driver.models import (
     Driver,
-    OtpChallenge,
     PaymentAccount,
-    SmsMessage,
     Vehicle,
 )
 from services.billing.provider.port import PaymentProvider, ProviderTimeout, ProviderUnavailable
 from shared import masking
 from shared.bus.outbox import enqueue
-from shared.errors import NotFound, Problem, RateLimited, UpstreamUnavailable, problem
+from shared.errors import NotFound, UpstreamUnavailable, problem
 from shared.events import AccountUpdated, EventType, PostpayStatus, VehicleRef, new_event
 from shared.plates import normalize_plate, parse_plate_color
 from shared.settings import Settings
@@ -40,8 +35,6 @@ log = structlog.get_logger(__name__)
 SOURCE = "billing"
 
 PhoneInvalid = problem(422, "phone_invalid", "Not a mainland China mobile number")
-OtpInvalid = problem(401, "otp_invalid", "The code is wrong, expired or already used")
-OtpLocked = problem(429, "otp_attempts_exceeded", "Too many wrong codes; request a new one")
 VehicleTaken = problem(409, "vehicle_taken", "Another driver holds this vehicle")
 VehicleExists = problem(409, "vehicle_exists", "This vehicle is already on your account")
 ProviderUnknown = problem(422, "provider_unknown", "Unknown payment provider")
@@ -50,7 +43,6 @@ AgreementInvalid = problem(
 )
 NoAccount = problem(404, "no_account", "No payment account is bound")
 
-OTP_PER_HOUR = 5
 PHONE_RE = re.compile(r"^(?:\+?86)?(1[3-9]\d{9})$")
 
 
@@ -63,72 +55,6 @@ def normalize_phone(raw: str) -> str:
 
 def mask_phone(phone: str) -> str:
     return masking.mask_phone(phone)
-
-
-def _hash_code(secret: str, phone: str, code: str) -> str:
-    return hmac.new(secret.encode(), f"{phone}:{code}".encode(), hashlib.sha256).hexdigest()
-
-
-def request_otp(db: Session, settings: Settings, raw_phone: str) -> None:
-    phone = normalize_phone(raw_phone)
-    since = utcnow() - timedelta(hours=1)
-    recent = (
-        db.scalar(
-            select(func.count())
-            .select_from(OtpChallenge)
-            .where(OtpChallenge.phone == phone, OtpChallenge.created_at >= since)
-        )
-        or 0
-    )
-    if recent >= OTP_PER_HOUR:
-        raise RateLimited(f"At most {OTP_PER_HOUR} codes per hour for one phone")
-    code = f"{secrets.randbelow(1_000_000):06d}"
-    secret = settings.jwt_secret.get_secret_value()
-    db.add(
-        OtpChallenge(
-            phone=phone,
-            code_hash=_hash_code(secret, phone, code),
-            expires_at=utcnow() + timedelta(seconds=settings.otp_ttl_s),
-        )
-    )
-    # The SMS port: in sandbox mode the message lands in the outbox admins can read.
-    db.add(
-        SmsMessage(
-            phone=phone,
-            body=f"【CityPark】验证码 {code}，{settings.otp_ttl_s // 60} "
-            f"分钟内有效。Your CityPark code is {code}.",
-        )
-    )
-    log.info("auth.otp_sent", phone=mask_phone(phone))
-
-
-def verify_otp(db: Session, settings: Settings, raw_phone: str, code: str) -> Driver | Problem:
-    """The driver, or the problem to answer with. A wrong code is *returned*, not raised, so
-    that the request's transaction still commits the counted attempt."""
-    phone = normalize_phone(raw_phone)
-    challenge = db.scalar(
-        select(OtpChallenge)
-        .where(OtpChallenge.phone == phone)
-        .order_by(OtpChallenge.created_at.desc())
-        .limit(1)
-    )
-    now = utcnow()
-    if challenge is None or challenge.used_at is not None or challenge.expires_at < now:
-        return OtpInvalid()
-    if challenge.attempts >= settings.otp_max_attempts:
-        return OtpLocked()
-    secret = settings.jwt_secret.get_secret_value()
-    if not hmac.compare_digest(challenge.code_hash, _hash_code(secret, phone, code)):
-        challenge.attempts += 1
-        return OtpInvalid()
-    challenge.used_at = now
-    driver = db.scalar(select(Driver).where(Driver.phone == phone))
-    if driver is None:
-        driver = Driver(phone=phone)
-        db.add(driver)
-        db.flush()
-        log.info("auth.driver_registered", driver_id=driver.id)
-    return driver
 
 
 def get_driver(db: Session, driver_id: str) -> Driver:
@@ -277,14 +203,3 @@ def unbind_account(db: Session, settings: Settings, driver_id: str) -> None:
     db.delete(account)
     db.flush()
     publish_account_state(db, settings, get_driver(db, driver_id))
-
-
-def sms_for(db: Session, phone: str) -> list[SmsMessage]:
-    return list(
-        db.scalars(
-            select(SmsMessage)
-            .where(SmsMessage.phone == normalize_phone(phone))
-            .order_by(SmsMessage.sent_at.desc())
-            .limit(50)
-        )
-    )
