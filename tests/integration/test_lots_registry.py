@@ -145,7 +145,11 @@ def test_search_and_pages(client: TestClient, ops: AdminUser, viewer: AdminUser)
         params={"q": tag, "limit": 1, "cursor": operators["next_cursor"]},
     ).json()
     assert ([o["name"] for o in more["items"]], more["next_cursor"]) == ([f"Beta {tag}"], None)
-    assert client.get(f"/v1/admin/operators/{op_b['id']}", headers=viewer.headers).json() == op_b
+    # A viewer reads the operator, its bank account masked (finance and admin see it).
+    assert client.get(f"/v1/admin/operators/{op_b['id']}", headers=viewer.headers).json() == {
+        **op_b,
+        "settlement_account": "****",
+    }
     missing = client.get("/v1/admin/operators/nope", headers=viewer.headers)
     assert (missing.status_code, missing.json()["code"]) == (404, "operator_unknown")
 
