@@ -31,7 +31,8 @@ def _runtime(request: Request) -> Runtime:
 
 def admitted(request: Request) -> str:
     """The caller's address, once this request is counted against the sign-in limits. A
-    dependency, so that it runs before the body is read and a transaction is opened."""
+    dependency listed first, so that it runs before the body is validated and before the
+    request's transaction is opened."""
     rt = _runtime(request)
     address = client_address(request, rt.secret)
     limits.admit(rt.redis, rt.settings, rt.secret, address)
