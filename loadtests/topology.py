@@ -28,12 +28,13 @@ class Ports:
     sessions: int = 18002
     billing: int = 18003
     paysandbox: int = 18090
+    vehicleregistry: int = 18091
 
     def of(self, name: str) -> int:
         return int(getattr(self, name))
 
 
-SERVICES = ("gateway", "lots", "sessions", "billing", "paysandbox")
+SERVICES = ("gateway", "lots", "sessions", "billing", "paysandbox", "vehicleregistry")
 
 
 @dataclass
@@ -50,6 +51,11 @@ class Topology:
     @property
     def sandbox(self) -> str:
         return f"http://127.0.0.1:{self.ports.paysandbox}"
+
+    @property
+    def registry(self) -> str:
+        """The sandbox vehicle registry (ownership proofs)."""
+        return f"http://127.0.0.1:{self.ports.vehicleregistry}"
 
     def citypark(self, *args: str) -> str:
         out = subprocess.run(
@@ -74,6 +80,7 @@ def real_env(database_url: str, redis_url: str, kafka: str, ports: Ports) -> dic
         "CITYPARK_SESSIONS_URL": f"http://127.0.0.1:{ports.sessions}",
         "CITYPARK_BILLING_URL": f"http://127.0.0.1:{ports.billing}",
         "CITYPARK_PAYSANDBOX_URL": f"http://127.0.0.1:{ports.paysandbox}",
+        "CITYPARK_VEHICLE_REGISTRY_URL": f"http://127.0.0.1:{ports.vehicleregistry}",
         "CITYPARK_LOG_JSON": "true",
         # Simulated drivers read their codes from the sandbox SMS outbox and all sign in from
         # this machine's one address, so the per-address sign-in limit must not apply.

@@ -19,6 +19,7 @@ from services.lots.main import part as lots
 from services.lots.models import District
 from services.paysandbox.main import part as paysandbox
 from services.sessions.main import part as sessions
+from services.vehicleregistry.main import part as vehicleregistry
 from shared import idempotency
 from shared.bus.migrations_path import BUS_MIGRATIONS
 from shared.http import make_app
@@ -29,7 +30,9 @@ from shared.shutdown import Shutdown, log_stopped, start_workers
 
 log = structlog.get_logger(__name__)
 
-PARTS: dict[str, Part] = {p.name: p for p in (gateway, lots, sessions, billing, paysandbox)}
+PARTS: dict[str, Part] = {
+    p.name: p for p in (gateway, lots, sessions, billing, paysandbox, vehicleregistry)
+}
 
 DESCRIPTION = """
 CityPark — one city, one account, leave first and pay afterwards.
@@ -101,6 +104,15 @@ def build_app(
         for router in paysandbox.routers:
             sandbox_app.include_router(router)
         app.mount("/sandbox/pay", sandbox_app)
+        if mount_sandbox.settings.sandbox_mode:
+            # The vehicle registry billing proves ownership against (vehicle_registry_url).
+            registry_app = make_app(
+                "CityPark vehicle registry sandbox", "Plates with their owner and VIN."
+            )
+            attach(registry_app, mount_sandbox)
+            for router in vehicleregistry.routers:
+                registry_app.include_router(router)
+            app.mount("/sandbox/vehicle-registry", registry_app)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

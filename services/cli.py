@@ -39,6 +39,7 @@ class PartName(StrEnum):
     sessions = "sessions"
     billing = "billing"
     paysandbox = "paysandbox"
+    vehicleregistry = "vehicleregistry"
     district = "district"
 
 
@@ -46,6 +47,7 @@ DEFAULT_PORTS = {
     "gateway": 8000,
     "all": 8000,
     "paysandbox": 8090,
+    "vehicleregistry": 8091,
     "lots": 8001,
     "sessions": 8002,
     "billing": 8003,

@@ -150,6 +150,9 @@ class SessionClosed(BaseModel):
 class VehicleRef(BaseModel):
     plate: str
     plate_color: str
+    # Proven against the vehicle registry; events from before the proof existed lack the
+    # flag, and an unproven claim must never open post-pay, so absent means unverified.
+    verified: bool = False
 
 
 class AccountUpdated(BaseModel):

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from services import city
 from services.billing.provider.sandbox import SandboxProvider
+from services.billing.vehicle.registry import HttpVehicleRegistry
 from shared.internal import InternalClient
 from shared.settings import BusKind, CacheKind, Settings
 
@@ -59,6 +60,9 @@ def embedded_city(
         )
     rt.providers["sandbox"] = SandboxProvider(
         "http://testserver/sandbox/pay", transport=tc._transport
+    )
+    rt.vehicle_registry = HttpVehicleRegistry(
+        "http://testserver/sandbox/vehicle-registry", transport=tc._transport
     )
     with tc:
         yield tc

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
-from pydantic import BaseModel
 
 from services.billing.charge import service as charges
 from services.billing.charge.models import Charge
@@ -24,20 +23,20 @@ from services.billing.driver.schemas import (
     AccountBind,
     AccountOut,
     MeOut,
-    VehicleIn,
-    VehicleOut,
 )
 from services.billing.ledger import service as ledger
 from services.billing.provider.port import PaymentProvider
 from services.billing.refund import service as refunds
 from services.billing.refund.endpoints import dispute_out
+from services.billing.vehicle import service as vehicles
+from services.billing.vehicle.schemas import VehicleOut
 from shared.auth import (
     DriverAuth,
     FinanceAuth,
     InternalAuth,
 )
 from shared.deps import DbSession
-from shared.errors import NotFound, PlateInvalid, UpstreamUnavailable
+from shared.errors import NotFound
 from shared.http import problem_responses
 from shared.masking import UNMASK_RESPONSES, View, staff_view
 from shared.plates import mask_plate
@@ -73,7 +72,7 @@ def get_me(who: DriverAuth, db: DbSession, request: Request) -> MeOut:
         account=AccountOut.model_validate(account, from_attributes=True) if account else None,
         vehicles=[
             VehicleOut.model_validate(v, from_attributes=True)
-            for v in drivers.vehicles_of(db, who.id)
+            for v in vehicles.vehicles_of(db, who.id)
         ],
         postpay=drivers.postpay_status(db, _settings(request), who.id),
         arrears_fen=drivers.arrears_fen(db, who.id),
@@ -100,78 +99,6 @@ def bind_account(data: AccountBind, who: DriverAuth, db: DbSession, request: Req
 )
 def unbind_account(who: DriverAuth, db: DbSession, request: Request) -> Response:
     drivers.unbind_account(db, _settings(request), who.id)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-@me.post(
-    "/vehicles",
-    status_code=status.HTTP_201_CREATED,
-    response_model=VehicleOut,
-    responses=problem_responses(PlateInvalid, drivers.VehicleTaken, drivers.VehicleExists),
-)
-def add_vehicle(data: VehicleIn, who: DriverAuth, db: DbSession, request: Request) -> VehicleOut:
-    """Register a plate; a vehicle belongs to one driver at a time."""
-    v = drivers.add_vehicle(db, _settings(request), who.id, data.plate, data.plate_color)
-    return VehicleOut.model_validate(v, from_attributes=True)
-
-
-@me.get("/vehicles", response_model=list[VehicleOut])
-def list_vehicles(who: DriverAuth, db: DbSession) -> list[VehicleOut]:
-    return [
-        VehicleOut.model_validate(v, from_attributes=True) for v in drivers.vehicles_of(db, who.id)
-    ]
-
-
-class PassWindowOut(BaseModel):
-    start: str
-    end: str
-
-
-class DriverPassOut(BaseModel):
-    """A pass a car park holds for one of the driver's vehicles (the lots service owns it)."""
-
-    pass_id: str
-    lot_id: str
-    lot_code: str
-    lot_name: str
-    plate: str
-    plate_color: str
-    kind: Literal["monthly", "whitelist"]
-    valid_from: datetime
-    valid_to: datetime
-    window: PassWindowOut | None
-    time_zone: str
-    state: Literal["active", "upcoming", "expired"]
-
-
-@me.get(
-    "/passes",
-    response_model=list[DriverPassOut],
-    responses=problem_responses(UpstreamUnavailable),
-)
-def list_passes(who: DriverAuth, db: DbSession, request: Request) -> list[DriverPassOut]:
-    """Monthly passes and whitelist entries car parks hold for the driver's vehicles, newest
-    validity first (expired ones for 90 days). Plates are shown masked."""
-    vehicles = [
-        {"plate": v.plate, "plate_color": v.plate_color} for v in drivers.vehicles_of(db, who.id)
-    ]
-    if not vehicles:
-        return []
-    lots = request.app.state.runtime.internal("lots")
-    found = lots.call("POST", "/internal/lots/passes/by-vehicles", json={"vehicles": vehicles})
-    passes = [DriverPassOut.model_validate(p) for p in found]
-    for p in passes:
-        p.plate = mask_plate(p.plate)
-    return passes
-
-
-@me.delete(
-    "/vehicles/{vehicle_id}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    responses=problem_responses(NotFound),
-)
-def remove_vehicle(vehicle_id: str, who: DriverAuth, db: DbSession, request: Request) -> Response:
-    drivers.remove_vehicle(db, _settings(request), who.id, vehicle_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

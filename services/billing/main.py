@@ -16,6 +16,8 @@ from services.billing.refund import endpoints as refund_endpoints
 from services.billing.settlement import endpoints as settlement_endpoints
 from services.billing.signin import endpoints as signin_endpoints
 from services.billing.stuck import endpoints as stuck_endpoints
+from services.billing.vehicle import endpoints as vehicle_endpoints
+from services.billing.vehicle.registry import HttpVehicleRegistry
 from shared.keys import Purpose, derive_hex
 from shared.runtime import Migrations, Part, Runtime
 from shared.settings import Settings
@@ -42,6 +44,8 @@ def _plug_providers(rt: Runtime) -> None:
             token=derive_hex(s.jwt_secret.get_secret_value(), Purpose.paysandbox),
         ),
     )
+    if rt.vehicle_registry is None:
+        rt.vehicle_registry = HttpVehicleRegistry(s.vehicle_registry_url)
 
 
 part = Part(
@@ -63,6 +67,8 @@ part = Part(
         invoice_endpoints.me,
         stuck_endpoints.internal,
         notification_endpoints.me,
+        vehicle_endpoints.me,
+        vehicle_endpoints.internal,
     ],
     workers=consumers.workers,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_billing"),

@@ -1,7 +1,7 @@
 """Every table of the billing service, so migrations see them all."""
 
 from services.billing.charge.models import Charge
-from services.billing.driver.models import Driver, OtpChallenge, PaymentAccount, SmsMessage, Vehicle
+from services.billing.driver.models import Driver, OtpChallenge, PaymentAccount, SmsMessage
 from services.billing.invoice.models import Invoice, InvoiceItem, SandboxInvoiceSeries
 from services.billing.ledger.models import Journal, LedgerEntry
 from services.billing.merchant.models import Merchant, Validation
@@ -12,6 +12,7 @@ from services.billing.notification.models import (
     Preference,
     Webhook,
 )
+from services.billing.vehicle.models import Vehicle
 
 __all__ = [
     "Charge",

@@ -10,7 +10,7 @@ from services.sessions.models import ParkingSession, SessionStatus
 from services.sessions.schemas import AdminSessionOut, SessionOut, SessionPage
 from shared.auth import DriverAuth, InternalAuth
 from shared.deps import DbSession
-from shared.errors import NotFound, PlateInvalid
+from shared.errors import NotFound, PlateInvalid, UpstreamUnavailable
 from shared.http import problem_responses
 from shared.internal import InternalClient
 from shared.masking import UNMASK_RESPONSES, View, staff_view
@@ -43,18 +43,39 @@ def _fee_so_far(request: Request, s: ParkingSession) -> int | None:
     return int(answer["fee_fen"])
 
 
-@driver.get("/sessions", response_model=SessionPage)
+def _windows(request: Request, driver_id: str) -> list[service.Window]:
+    """When the driver held which plate verified (billing knows; asked on every read, so a
+    takeover or a removal shows at once)."""
+    billing: InternalClient = request.app.state.runtime.internal("billing")
+    found = billing.call("GET", f"/internal/billing/drivers/{driver_id}/verified-windows")
+    return [
+        service.Window(
+            plate=w["plate"],
+            plate_color=w["plate_color"],
+            since=datetime.fromisoformat(w["verified_at"]),
+            until=datetime.fromisoformat(w["until"]) if w["until"] else None,
+        )
+        for w in found
+    ]
+
+
+@driver.get(
+    "/sessions", response_model=SessionPage, responses=problem_responses(UpstreamUnavailable)
+)
 def list_sessions(
     me: DriverAuth,
     db: DbSession,
+    request: Request,
     status: SessionStatus | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> SessionPage:
-    """The driver's parkings, newest first; `next_cursor` pages on."""
+    """The driver's parkings, newest first; `next_cursor` pages on. Only parkings that began
+    while the driver held the vehicle verified show: none of an unverified plate, none from
+    before the proof, none after another driver took the plate over."""
     after = service.decode_cursor(cursor) if cursor else None
     rows = service.SessionRepository.from_session(db).list_for_driver(
-        me.id, status, after, limit + 1
+        me.id, _windows(request, me.id), status, after, limit + 1
     )
     page = rows[:limit]
     nxt = service.encode_cursor(page[-1]) if len(rows) > limit else None
@@ -62,11 +83,13 @@ def list_sessions(
 
 
 @driver.get(
-    "/sessions/{session_id}", response_model=SessionOut, responses=problem_responses(NotFound)
+    "/sessions/{session_id}",
+    response_model=SessionOut,
+    responses=problem_responses(NotFound, UpstreamUnavailable),
 )
 def get_session(session_id: str, me: DriverAuth, db: DbSession, request: Request) -> SessionOut:
     """One parking; while it is open it shows the fee so far."""
-    s = service.get_for_driver(db, me.id, session_id)
+    s = service.get_for_driver(db, me.id, _windows(request, me.id), session_id)
     fee = _fee_so_far(request, s) if s.status == SessionStatus.open else None
     return SessionOut.of(s, fee)
 

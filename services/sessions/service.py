@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import and_, false, func, or_, select, tuple_
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from services.sessions.models import ParkingSession, SessionStatus, UnmatchedExit
 from shared.bus.outbox import enqueue
@@ -25,6 +27,41 @@ from shared.topics import SESSIONS_CLOSED
 
 log = structlog.get_logger(__name__)
 SOURCE = "sessions"
+
+
+@dataclass(frozen=True)
+class Window:
+    """A plate the driver held verified from `since` until `until` (None: still holds it)."""
+
+    plate: str
+    plate_color: str
+    since: datetime
+    until: datetime | None
+
+    def covers(self, s: ParkingSession) -> bool:
+        return (
+            (s.plate, s.plate_color) == (self.plate, self.plate_color)
+            and self.since <= s.entered_at
+            and (self.until is None or s.entered_at < self.until)
+        )
+
+
+def _in_windows(windows: Sequence[Window]) -> ColumnElement[bool]:
+    """Parkings that entered while the driver held the vehicle verified: never one from
+    before the proof (a claim reveals no past whereabouts) nor after a takeover."""
+    if not windows:
+        return false()
+    return or_(
+        *(
+            and_(
+                ParkingSession.plate == w.plate,
+                ParkingSession.plate_color == w.plate_color,
+                ParkingSession.entered_at >= w.since,
+                *([ParkingSession.entered_at < w.until] if w.until is not None else []),
+            )
+            for w in windows
+        )
+    )
 
 
 class SessionRepository:
@@ -76,11 +113,16 @@ class SessionRepository:
     def list_for_driver(
         self,
         driver_id: str,
+        windows: Sequence[Window],
         status: SessionStatus | None,
         cursor: tuple[datetime, str] | None,
         limit: int,
     ) -> list[ParkingSession]:
-        q = select(ParkingSession).where(ParkingSession.driver_id == driver_id)
+        if not windows:
+            return []
+        q = select(ParkingSession).where(
+            ParkingSession.driver_id == driver_id, _in_windows(windows)
+        )
         if status is not None:
             q = q.where(ParkingSession.status == status)
         if cursor is not None:
@@ -211,10 +253,17 @@ def _close(db: Session, session: ParkingSession, e: ParkingEvent) -> None:
     )
 
 
-def get_for_driver(db: Session, driver_id: str, session_id: str) -> ParkingSession:
+def get_for_driver(
+    db: Session, driver_id: str, windows: Sequence[Window], session_id: str
+) -> ParkingSession:
     session = db.get(ParkingSession, session_id)
-    # Another driver's session is indistinguishable from a missing one.
-    if session is None or session.driver_id != driver_id:
+    # Another driver's session, or one outside their proven ownership, is indistinguishable
+    # from a missing one.
+    if (
+        session is None
+        or session.driver_id != driver_id
+        or not any(w.covers(session) for w in windows)
+    ):
         raise NotFound("No such session")
     return session
 

@@ -31,7 +31,7 @@ def account(driver: str, version: int, postpay: PostpayStatus, *plates: str) -> 
         driver_id=driver,
         version=version,
         postpay=postpay,
-        vehicles=[VehicleRef(plate=p, plate_color="blue") for p in plates],
+        vehicles=[VehicleRef(plate=p, plate_color="blue", verified=True) for p in plates],
     )
 
 

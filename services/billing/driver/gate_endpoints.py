@@ -14,7 +14,8 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 
 from services.billing.driver import service as drivers
-from services.billing.driver.models import Driver, Vehicle
+from services.billing.driver.models import Driver
+from services.billing.vehicle.models import Vehicle, VehicleStatus
 from shared.auth import InternalAuth
 from shared.deps import DbSession
 from shared.events import AccountUpdated, PostpayStatus, VehicleRef
@@ -56,12 +57,16 @@ def accounts(
             page.c.postpay_published,
             Vehicle.plate,
             Vehicle.plate_color,
+            Vehicle.status,
         )
-        .outerjoin(Vehicle, Vehicle.driver_id == page.c.id)
+        .outerjoin(
+            Vehicle,
+            (Vehicle.driver_id == page.c.id) & (Vehicle.status != VehicleStatus.superseded),
+        )
         .order_by(page.c.id, Vehicle.plate, Vehicle.plate_color)
     ).all()
     items: dict[str, AccountUpdated] = {}
-    for driver_id, version, postpay, plate, color in rows:
+    for driver_id, version, postpay, plate, color, status in rows:
         item = items.get(driver_id)
         if item is None:
             if postpay is None:  # published before the state was recorded with the version
@@ -70,7 +75,11 @@ def accounts(
                 driver_id=driver_id, version=version, postpay=PostpayStatus(postpay)
             )
         if plate is not None:
-            item.vehicles.append(VehicleRef(plate=plate, plate_color=color))
+            item.vehicles.append(
+                VehicleRef(
+                    plate=plate, plate_color=color, verified=status == VehicleStatus.verified
+                )
+            )
     total = (
         db.scalar(select(func.count()).select_from(Driver).where(published))
         if after is None

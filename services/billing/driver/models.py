@@ -1,10 +1,10 @@
-"""Drivers, their sign-in codes, their single payment account and their vehicles."""
+"""Drivers, their sign-in codes and their single payment account (vehicles: `vehicle`)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.billing.db import Base
@@ -58,13 +58,3 @@ class PaymentAccount(Base):
     masked_account: Mapped[str] = mapped_column(String(100))
     bound_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-
-class Vehicle(Base):
-    __tablename__ = "billing_vehicle"
-    __table_args__ = (UniqueConstraint("plate", "plate_color"),)
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    driver_id: Mapped[str] = mapped_column(ForeignKey("billing_driver.id"), index=True)
-    plate: Mapped[str] = mapped_column(String(16))
-    plate_color: Mapped[str] = mapped_column(String(10))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)

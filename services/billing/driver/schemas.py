@@ -4,6 +4,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.billing.vehicle.schemas import VehicleOut
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -18,18 +20,6 @@ class AccountOut(BaseModel):
     provider: str
     masked_account: str
     bound_at: datetime
-
-
-class VehicleIn(Strict):
-    plate: str = Field(examples=["苏E·12345"])
-    plate_color: str = Field(examples=["blue"])
-
-
-class VehicleOut(BaseModel):
-    id: str
-    plate: str
-    plate_color: str
-    created_at: datetime
 
 
 class MeOut(BaseModel):

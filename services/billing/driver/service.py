@@ -12,21 +12,19 @@ from datetime import timedelta
 
 import structlog
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.billing.charge.models import Charge, ChargeStatus
 from services.billing.driver.models import (
     Driver,
     PaymentAccount,
-    Vehicle,
 )
 from services.billing.provider.port import PaymentProvider, ProviderTimeout, ProviderUnavailable
+from services.billing.vehicle.models import Vehicle, VehicleStatus
 from shared import masking
 from shared.bus.outbox import enqueue
 from shared.errors import NotFound, UpstreamUnavailable, problem
 from shared.events import AccountUpdated, EventType, PostpayStatus, VehicleRef, new_event
-from shared.plates import normalize_plate, parse_plate_color
 from shared.settings import Settings
 from shared.timeutil import utcnow
 from shared.topics import ACCOUNT_EVENTS
@@ -35,8 +33,6 @@ log = structlog.get_logger(__name__)
 SOURCE = "billing"
 
 PhoneInvalid = problem(422, "phone_invalid", "Not a mainland China mobile number")
-VehicleTaken = problem(409, "vehicle_taken", "Another driver holds this vehicle")
-VehicleExists = problem(409, "vehicle_exists", "This vehicle is already on your account")
 ProviderUnknown = problem(422, "provider_unknown", "Unknown payment provider")
 AgreementInvalid = problem(
     422, "agreement_invalid", "The provider does not know this agreement or it is not active"
@@ -62,14 +58,6 @@ def get_driver(db: Session, driver_id: str) -> Driver:
     if driver is None:
         raise NotFound("No such driver")
     return driver
-
-
-def vehicles_of(db: Session, driver_id: str) -> list[Vehicle]:
-    return list(
-        db.scalars(
-            select(Vehicle).where(Vehicle.driver_id == driver_id).order_by(Vehicle.created_at)
-        )
-    )
 
 
 def arrears_fen(db: Session, driver_id: str) -> int:
@@ -99,6 +87,23 @@ def postpay_status(db: Session, settings: Settings, driver_id: str) -> PostpaySt
     return PostpayStatus.active
 
 
+def gate_vehicles(db: Session, driver_id: str) -> list[VehicleRef]:
+    """The driver's claims the gate must know: verified ones open post-pay, unverified ones
+    make the gate say why not (`vehicle_unverified`); a superseded claim is no longer theirs."""
+    return [
+        VehicleRef(
+            plate=v.plate,
+            plate_color=v.plate_color,
+            verified=v.status == VehicleStatus.verified,
+        )
+        for v in db.scalars(
+            select(Vehicle)
+            .where(Vehicle.driver_id == driver_id, Vehicle.status != VehicleStatus.superseded)
+            .order_by(Vehicle.plate, Vehicle.plate_color)
+        )
+    ]
+
+
 def publish_account_state(db: Session, settings: Settings, driver: Driver) -> None:
     driver.state_version += 1
     postpay = postpay_status(db, settings, driver.id)
@@ -108,9 +113,7 @@ def publish_account_state(db: Session, settings: Settings, driver: Driver) -> No
         driver_id=driver.id,
         version=driver.state_version,
         postpay=postpay,
-        vehicles=[
-            VehicleRef(plate=v.plate, plate_color=v.plate_color) for v in vehicles_of(db, driver.id)
-        ],
+        vehicles=gate_vehicles(db, driver.id),
     )
     enqueue(
         db,
@@ -128,35 +131,6 @@ def refresh_account_state(db: Session, settings: Settings, driver: Driver) -> bo
         return False
     publish_account_state(db, settings, driver)
     return True
-
-
-def add_vehicle(
-    db: Session, settings: Settings, driver_id: str, plate_raw: str, color_raw: str
-) -> Vehicle:
-    plate = normalize_plate(plate_raw)
-    color = parse_plate_color(color_raw).value
-    holder = db.scalar(select(Vehicle).where(Vehicle.plate == plate, Vehicle.plate_color == color))
-    if holder is not None:
-        if holder.driver_id == driver_id:
-            raise VehicleExists(f"{plate} is already registered to you")
-        raise VehicleTaken(f"{plate} ({color}) is registered to another driver")
-    vehicle = Vehicle(driver_id=driver_id, plate=plate, plate_color=color)
-    db.add(vehicle)
-    try:
-        db.flush()
-    except IntegrityError as exc:  # a concurrent registration won the race
-        raise VehicleTaken(f"{plate} ({color}) is registered to another driver") from exc
-    publish_account_state(db, settings, get_driver(db, driver_id))
-    return vehicle
-
-
-def remove_vehicle(db: Session, settings: Settings, driver_id: str, vehicle_id: str) -> None:
-    vehicle = db.get(Vehicle, vehicle_id)
-    if vehicle is None or vehicle.driver_id != driver_id:
-        raise NotFound("No such vehicle")
-    db.delete(vehicle)
-    db.flush()
-    publish_account_state(db, settings, get_driver(db, driver_id))
 
 
 def bind_account(

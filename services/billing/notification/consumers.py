@@ -13,12 +13,12 @@ from sqlalchemy.orm import Session
 
 from services.billing.charge.models import Charge
 from services.billing.driver import service as drivers
-from services.billing.driver.models import Vehicle
 from services.billing.notification import hooks, texts
 from services.billing.notification import service as notifications
 from services.billing.notification.models import Channel, NotificationKind, PostpayWatch
 from services.billing.notification.port import NotificationChannel, SmsSandbox, WebhookChannel
 from services.billing.notification.urlguard import UrlGuard
+from services.billing.vehicle import service as vehicles
 from shared.bus.consumer import BatchHandler, ConsumerLoop, dead_letter_to_db, idempotent
 from shared.bus.factory import make_subscription
 from shared.bus.port import Message
@@ -54,9 +54,8 @@ EXIT_WAIT = timedelta(seconds=60)
 
 
 def _entry(db: Session, settings: Settings, e: ParkingEvent) -> None:
-    vehicle = db.scalar(
-        select(Vehicle).where(Vehicle.plate == e.plate, Vehicle.plate_color == e.plate_color)
-    )
+    # Only the driver who held the plate verified when the car entered is told where it is.
+    vehicle = vehicles.verified_holder(db, e.plate, e.plate_color, e.occurred_at)
     if vehicle is None:
         return
     # Only a post-pay stay is news to the driver: the car will leave without paying at the gate.

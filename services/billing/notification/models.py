@@ -22,6 +22,7 @@ class NotificationKind(StrEnum):
     suspended = "suspended"  # post-pay suspended for arrears
     restored = "restored"  # post-pay back
     refund = "refund"
+    vehicle_superseded = "vehicle_superseded"  # another driver proved ownership of a plate
 
 
 class Channel(StrEnum):

@@ -73,6 +73,14 @@ def restored() -> tuple[str, str]:
     return "先离场后付费已恢复", "您的欠费已结清，先离场后付费服务已恢复。"
 
 
+def vehicle_superseded(plate: str, at: datetime) -> tuple[str, str]:
+    return (
+        "车辆已被他人认证",
+        f"车辆{plate}已于{clock(at)}由另一位车主通过车辆登记信息认证，已从您的账户移除，"
+        "此后的停车记录不再向您显示。如有疑问，请重新添加并认证该车辆。",
+    )
+
+
 def refund(plate: str, lot: str, amount: int, credit_number: str | None) -> tuple[str, str]:
     body = f"您的车辆{plate}在{lot}的停车费已退款{yuan(amount)}，将原路退回绑定账户。"
     if credit_number:

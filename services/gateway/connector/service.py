@@ -177,7 +177,9 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
             raise OfflineDecisionInvalid(
                 f"decided_at {offline.decided_at.isoformat()} is outside the accepted window"
             )
-    answer = state.decide_for(rt.redis, driver_id, postpay_enabled=caller.postpay_enabled)
+    answer = state.decide_for(
+        rt.redis, driver_id, postpay_enabled=caller.postpay_enabled, plate=plate, color=color
+    )
     # A pass covering the whole stay lets the car out free, post-pay or not (SPEC §10).
     reason = passes.free_reason(rt, caller.lot_id, plate, color, data.occurred_at)
     if reason is not None:

@@ -1,9 +1,11 @@
 """The gateway's view of who may leave on post-pay, kept in Redis from account events.
 
 Keys (all under `citypark:gw:`):
-  vehicle:<plate>:<color>  → driver id
+  vehicle:<plate>:<color>  → id of the driver who holds the vehicle verified
+  claims:<plate>:<color>   → set of driver ids claiming it unverified (the gate says why not)
   driver:<id>              → hash {version, postpay}
-  driver:<id>:vehicles     → set of "<plate>:<color>"
+  driver:<id>:vehicles     → set of "<plate>:<color>" the driver holds verified
+  driver:<id>:claims       → set of "<plate>:<color>" the driver claims unverified
   eligible                 → set of sha256("<plate>:<color>") allowed post-pay now
   eligible:version         → counter, bumped on every change of `eligible`
   open:<lot>:<plate>:<color> → id of the session the gateway saw begin there
@@ -76,12 +78,22 @@ def _apply_watched(pipe: redis.client.Pipeline, batch: list[AccountUpdated]) -> 
     for data, known in newer:
         if known:
             reader.smembers(f"{P}driver:{data.driver_id}:vehicles")
+            reader.smembers(f"{P}driver:{data.driver_id}:claims")
     held = iter(reader.execute())
     fresh: list[tuple[AccountUpdated, set[str], set[str]]] = []
+    # Unverified claims: (driver, vehicle) pairs to drop and to add; each driver only ever
+    # touches its own membership, so the order of different drivers' events does not matter.
+    unclaimed: list[tuple[str, str]] = []
+    claimed: list[tuple[str, str]] = []
     for data, known in newer:
-        new = {vehicle_key(v.plate, v.plate_color) for v in data.vehicles}
+        # Only a proven vehicle belongs to the driver at the gate (an absent flag: unproven).
+        new = {vehicle_key(v.plate, v.plate_color) for v in data.vehicles if v.verified}
+        claims = {vehicle_key(v.plate, v.plate_color) for v in data.vehicles if not v.verified}
         old: set[str] = set(next(held)) if known else set()
+        old_claims: set[str] = set(next(held)) if known else set()
         fresh.append((data, old - new, new))
+        unclaimed += [(data.driver_id, vk) for vk in sorted(old_claims - claims)]
+        claimed += [(data.driver_id, vk) for vk in sorted(claims)]
     if not fresh:
         pipe.unwatch()
         return 0
@@ -117,7 +129,14 @@ def _apply_watched(pipe: redis.client.Pipeline, batch: list[AccountUpdated]) -> 
         pipe.srem(f"{P}eligible", *barred)
     if allowed:
         pipe.sadd(f"{P}eligible", *allowed)
+    for driver_id, vk in unclaimed:
+        pipe.srem(f"{P}claims:{vk}", driver_id)
+    for driver_id, vk in claimed:
+        pipe.sadd(f"{P}claims:{vk}", driver_id)
     pipe.delete(*[f"{P}driver:{data.driver_id}:vehicles" for data, _, _ in fresh])
+    pipe.delete(*[f"{P}driver:{data.driver_id}:claims" for data, _, _ in fresh])
+    for driver_id, vk in claimed:
+        pipe.sadd(f"{P}driver:{driver_id}:claims", vk)
     for data, _, new in fresh:
         dkey = f"{P}driver:{data.driver_id}"
         if new:
@@ -152,14 +171,31 @@ def driver_of(r: redis.Redis, plate: str, color: str) -> str | None:
 
 
 def decide(r: redis.Redis, *, plate: str, color: str, postpay_enabled: bool) -> GateAnswer:
-    return decide_for(r, driver_of(r, plate, color), postpay_enabled=postpay_enabled)
+    return decide_for(
+        r, driver_of(r, plate, color), postpay_enabled=postpay_enabled, plate=plate, color=color
+    )
 
 
-def decide_for(r: redis.Redis, driver_id: str | None, *, postpay_enabled: bool) -> GateAnswer:
-    """The decision for a vehicle whose driver (or none) is already known."""
+def claimed_unverified(r: redis.Redis, plate: str, color: str) -> bool:
+    """Does some driver claim the vehicle without having proven it?"""
+    return bool(r.exists(f"{P}claims:{vehicle_key(plate, color)}"))
+
+
+def decide_for(
+    r: redis.Redis,
+    driver_id: str | None,
+    *,
+    postpay_enabled: bool,
+    plate: str | None = None,
+    color: str | None = None,
+) -> GateAnswer:
+    """The decision for a vehicle whose verified driver (or none) is already known; with the
+    plate, a vehicle nobody has proven but somebody claims is told apart from an unknown one."""
     if not postpay_enabled:
         return GateAnswer(Decision.pay_on_site, "lot_not_postpay", driver_id)
     if driver_id is None:
+        if plate is not None and color is not None and claimed_unverified(r, plate, color):
+            return GateAnswer(Decision.pay_on_site, "vehicle_unverified", None)
         return GateAnswer(Decision.pay_on_site, "not_enrolled", None)
     status = r.hget(f"{P}driver:{driver_id}", "postpay")
     if status == PostpayStatus.active:
