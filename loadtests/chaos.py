@@ -278,6 +278,7 @@ def _config_env(cfg: InfraConfig, ports: dict[str, int], log_level: str) -> dict
         "CITYPARK_BUS": "kafka",
         "CITYPARK_CACHE": "redis",
         "CITYPARK_JWT_SECRET": os.urandom(24).hex(),
+        "CITYPARK_GATEWAY_URL": url("gateway"),
         "CITYPARK_LOTS_URL": url("lots"),
         "CITYPARK_SESSIONS_URL": url("sessions"),
         "CITYPARK_BILLING_URL": url("billing"),

@@ -76,6 +76,7 @@ def real_env(database_url: str, redis_url: str, kafka: str, ports: Ports) -> dic
         "CITYPARK_BUS": "kafka",
         "CITYPARK_CACHE": "redis",
         "CITYPARK_JWT_SECRET": os.environ.get("CITYPARK_JWT_SECRET") or os.urandom(24).hex(),
+        "CITYPARK_GATEWAY_URL": f"http://127.0.0.1:{ports.gateway}",
         "CITYPARK_LOTS_URL": f"http://127.0.0.1:{ports.lots}",
         "CITYPARK_SESSIONS_URL": f"http://127.0.0.1:{ports.sessions}",
         "CITYPARK_BILLING_URL": f"http://127.0.0.1:{ports.billing}",

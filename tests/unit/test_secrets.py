@@ -7,12 +7,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import shutil
+import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any
 
 import jwt
 import pytest
+import yaml
 from fastapi import Depends
 from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
@@ -277,3 +281,46 @@ def test_token_lifetimes_read_as_minutes_hours_days(text: str, seconds: int) -> 
 def test_other_lifetimes_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="lifetime|lives between"):
         parse_ttl(bad)
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_the_deployment_ships_no_secret_value() -> None:
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and path.suffix in {".yaml", ".yml", ".sh", ".env", ""}:
+            text = path.read_text(errors="ignore").lower()
+            assert "change-me" not in text, path
+            assert "changeme" not in text, path
+    for doc in yaml.safe_load_all((DEPLOY / "k8s" / "config.yaml").read_text()):
+        assert doc["kind"] != "Secret"
+        assert "CITYPARK_JWT_SECRET" not in doc.get("data", {})
+
+
+def test_production_manifests_leave_the_payment_sandbox_out() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert compose["services"]["paysandbox"]["profiles"] == ["sandbox"]
+    base = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    for resource in base["resources"]:
+        assert "paysandbox" not in (DEPLOY / "k8s" / resource).read_text(), resource
+    overlay = yaml.safe_load((DEPLOY / "k8s-sandbox" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../k8s", "paysandbox.yaml"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the manifests")
+def test_both_kustomizations_render() -> None:
+    def render(name: str) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            ["kubectl", "kustomize", str(DEPLOY / name)], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+    production = render("k8s")
+    assert not [d for d in production if d["kind"] == "Secret"]
+    assert "paysandbox" not in {d["metadata"]["name"] for d in production}
+    [settings_map] = [d for d in production if d["metadata"]["name"] == "citypark-settings"]
+    assert settings_map["data"]["CITYPARK_GATEWAY_URL"] == "http://gateway:8000"
+    sandbox = render("k8s-sandbox")
+    names = {(d["kind"], d["metadata"]["name"]) for d in sandbox}
+    assert {("Deployment", "paysandbox"), ("Service", "paysandbox")} <= names
