@@ -22,6 +22,7 @@ from services.sessions.main import part as sessions
 from services.vehicleregistry.main import part as vehicleregistry
 from shared import idempotency
 from shared.bus.migrations_path import BUS_MIGRATIONS
+from shared.doors import DOOR_HEADER, InternalDoor, new_door_token
 from shared.http import make_app
 from shared.migrate import upgrade
 from shared.runtime import Part, Runtime, Worker, attach
@@ -136,6 +137,13 @@ def embedded(settings: Settings) -> tuple[FastAPI, Runtime]:
     sandbox = Runtime(settings, source="paysandbox")
     workers += paysandbox.workers(sandbox)  # its notifications, retried until acknowledged
     app = build_app(rt, [gateway, lots, sessions, billing], workers=workers, mount_sandbox=sandbox)
+    # The services call each other's /internal routes on this same public app: only the calls
+    # made by this process (they carry its door token) keep their internal header.
+    door = new_door_token()
+    app.add_middleware(InternalDoor, token=door)
+    for service in ("lots", "sessions", "billing"):
+        rt.internal(service).http.headers[DOOR_HEADER] = door
+    app.state.door_token = door
     return app, rt
 
 

@@ -20,6 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.errors import problem
 from shared.http import problem_response
 
 GENERAL_MAX_BODY_BYTES = 1 << 20
@@ -27,6 +28,10 @@ GENERAL_MAX_BODY_BYTES = 1 << 20
 # the forwarded address): never taken from outside.
 INTERNAL_HEADERS = frozenset({b"x-citypark-internal", b"x-citypark-forwarded"})
 DOOR_HEADER = "x-citypark-door"
+
+
+# For the OpenAPI of routes behind `BodyLimit` (the middleware answers it, not the route).
+BodyTooLarge = problem(413, "body_too_large", "The request body is too large")
 
 
 class _TooLarge(Exception):
@@ -37,7 +42,7 @@ def too_large_response(limit: int) -> object:
     return problem_response(
         413,
         "body_too_large",
-        "The request body is too large",
+        BodyTooLarge.title,
         f"At most {limit} bytes are accepted here; nothing of this request was recorded.",
         max_body_bytes=limit,
     )

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from services import city
 from services.billing.provider.sandbox import SandboxProvider
 from services.billing.vehicle.registry import HttpVehicleRegistry
+from shared.doors import DOOR_HEADER
 from shared.internal import InternalClient
 from shared.settings import BusKind, CacheKind, Settings
 
@@ -55,9 +56,10 @@ def embedded_city(
     # Internal calls of the one app go through the test transport, not a socket. Wired before
     # the app starts: its workers ask for these clients as soon as they run.
     for service in ("lots", "sessions", "billing"):
-        rt.internal_clients[service] = InternalClient(
+        rt.internal_clients[service] = client = InternalClient(
             "http://testserver", rt.secret, transport=tc._transport
         )
+        client.http.headers[DOOR_HEADER] = app.state.door_token
     rt.providers["sandbox"] = SandboxProvider(
         "http://testserver/sandbox/pay", transport=tc._transport
     )

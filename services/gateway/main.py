@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -10,12 +11,15 @@ from services.gateway.connector import endpoints as connector
 from services.gateway.connector.admission import Admission
 from services.gateway.deadletters import endpoints as deadletters
 from services.gateway.districts import endpoints as districts
+from services.gateway.districts import service as district_service
 from services.gateway.gate import consumers
+from services.gateway.offline import endpoints as offline
 from services.gateway.ops import endpoints as ops
 from services.gateway.tokens import endpoints as tokens
 from services.gateway.tokens import service as token_service
 from shared.auth import Revocations
 from shared.bus.outbox import run_relay
+from shared.doors import GENERAL_MAX_BODY_BYTES, BodyLimit
 from shared.runtime import Migrations, Part, Runtime, Worker
 from shared.settings import BusKind
 
@@ -30,6 +34,20 @@ def _admission(app: FastAPI, rt: Runtime) -> None:
     if rt.source == "city":
         limit = min(limit, EMBEDDED_MAX_IN_FLIGHT)
     app.add_middleware(Admission, limit=limit)
+    app.add_middleware(BodyLimit, limit_for=_body_limit(rt))
+
+
+def _body_limit(rt: Runtime) -> Callable[[str], int]:
+    """Bytes a request body may have, by route: counted as they arrive (shared/doors.py)."""
+
+    def limit_for(path: str) -> int:
+        if path.startswith("/v1/connector/"):
+            return rt.settings.connector_max_body_bytes
+        if path.startswith("/v1/districts/"):
+            return district_service.limits(rt).max_body_bytes or GENERAL_MAX_BODY_BYTES
+        return GENERAL_MAX_BODY_BYTES
+
+    return limit_for
 
 
 def _workers(rt: Runtime) -> list[Worker]:
@@ -52,6 +70,7 @@ part = Part(
     name="gateway",
     routers=[
         connector.router,
+        offline.router,
         districts.router,
         ops.router,
         deadletters.router,

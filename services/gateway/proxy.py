@@ -1,14 +1,20 @@
 """In the real topology the gateway forwards driver and admin requests to the owning service.
 
-Routing is by path prefix, longest first. Internal paths are never reachable from outside.
+Routing is by path prefix, longest first. Internal paths are never reachable from outside: a
+path that could mean something else once decoded or normalised (`..`, `%2e%2e`, `%2f`, `%25`,
+backslashes) is refused, the path is forwarded exactly as it was matched, and the headers that
+grant internal access are dropped from the caller's request.
 """
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import httpx
 from fastapi import APIRouter, Request, Response
 
-from shared.errors import NotFound, UpstreamUnavailable
+from shared.doors import path_is_clean, strip_internal
+from shared.errors import NotFound, UpstreamUnavailable, problem
 from shared.forwarding import FORWARDED_FOR, FORWARDED_PROOF, forwarding_proof
 from shared.settings import Settings
 
@@ -24,6 +30,10 @@ HOP_BY_HOP = {
     "host",
     "content-length",
 }
+
+
+URL_SAFE = "/%:@!$&'()*+,;=-._~"  # kept as they are; anything else (raw UTF-8) is escaped
+PathInvalid = problem(400, "path_invalid", "The request path is not a plain path")
 
 
 def routes(settings: Settings) -> list[tuple[str, str]]:
@@ -60,13 +70,18 @@ def make_router(settings: Settings) -> APIRouter:
 
     @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def forward(rest: str, request: Request) -> Response:
+        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+        if not path_is_clean(raw_path):
+            raise PathInvalid("Dot segments, backslashes and encoded separators are not accepted")
         path = request.url.path
         upstream = next(
             (url for prefix, url in table if path == prefix or path.startswith(prefix + "/")), None
         )
         if upstream is None:
             raise NotFound(f"No route for {path}")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = strip_internal(
+            {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        )
         # The caller's address, and proof that the gateway (not the caller) set it: services
         # trust `x-forwarded-for` only with it (shared/forwarding.py).
         headers[FORWARDED_FOR] = request.client.host if request.client else ""
@@ -74,7 +89,8 @@ def make_router(settings: Settings) -> APIRouter:
         try:
             answer = await client.request(
                 request.method,
-                upstream.rstrip("/") + path,
+                # As sent (still encoded): nothing decoded here can turn into `?`, `#` or `/`.
+                httpx.URL(upstream.rstrip("/") + quote(raw_path, safe=URL_SAFE)),
                 params=request.query_params,
                 content=await request.body(),
                 headers=headers,

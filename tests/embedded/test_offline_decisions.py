@@ -1,4 +1,6 @@
-"""Exits the gate decided offline, replayed later: the city honours an offline `postpay`.
+"""Exits the gate decided offline, replayed later: the city honours an offline `postpay` it
+can back (a snapshot it served the car park, in which the vehicle was eligible, during an outage
+of the car park; tests/embedded/test_offline_bounds.py shows what it does not back).
 
 The requests are signed with the connector's key but written by hand, so that each rule of
 the gateway is shown on its own; one test then runs the connector itself against the city, to
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from citypark_connector import ConnectorClient, SignatureAuth
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from loadtests.ownership import add_verified_vehicle, backdate_verification
 from services.gateway.gate import state as gate_state
 from services.gateway.tokens import service as admin_tokens
 from services.lots.schemas import EXAMPLE_TARIFF
@@ -92,12 +96,27 @@ def gate_driver(
 ) -> str:
     """What the gateway knows of a driver, as the account events would tell it."""
     driver_id = driver_id or str(uuid.uuid4())
-    vehicles = [VehicleRef(plate=plate, plate_color="blue")]
+    vehicles = [VehicleRef(plate=plate, plate_color="blue", verified=True)]
     account = AccountUpdated(
         driver_id=driver_id, version=version, postpay=postpay, vehicles=vehicles
     )
     assert gate_state.apply_account(city.rt.redis, account)
     return driver_id
+
+
+def served_now(city: City) -> int:
+    """The car park fetches its eligibility snapshot (the city keeps it as served)."""
+    answer = city.gate.get("/v1/connector/eligibility")
+    assert answer.status_code == 200, answer.text
+    return int(answer.json()["version"])
+
+
+def cut_off(city: City, seconds: float = 5) -> str:
+    """The car park's line was down for the last `seconds`: its last request reached the city
+    then. Returns an instant inside the outage, for `decided_at`."""
+    now = time.time()
+    city.rt.redis.set(f"citypark:gw:lot:{city.lot_id}:seen", int((now - seconds) * 1000))
+    return datetime.fromtimestamp(now - seconds / 2, UTC).isoformat()
 
 
 def offline(decision: str, **overrides: Any) -> dict[str, Any]:
@@ -205,15 +224,18 @@ def test_offline_postpay_is_charged_to_a_driver_suspended_since(city: City) -> N
     )
     assert bound.status_code == 200, bound.text
     car = new_plate()
-    added = client.post("/v1/me/vehicles", headers=me, json={"plate": car, "plate_color": "blue"})
-    assert added.status_code == 201, added.text
+    vehicle = add_verified_vehicle(client, me, car)
+    # Proven before the stays below began (they are reported hours late): the driver sees them.
+    backdate_verification(
+        city.rt.sessionmaker, vehicle["id"], datetime.now(UTC) - timedelta(days=1)
+    )
     redis = city.rt.redis
 
     def gate_says() -> gate_state.GateAnswer:
         return gate_state.decide(redis, plate=car, color="blue", postpay_enabled=True)
 
     wait_for(lambda: gate_says().decision == "postpay")
-    version = city.gate.get("/v1/connector/eligibility").json()["version"]
+    version = served_now(city)
     now = datetime.now(UTC).replace(microsecond=0)
 
     # A first stay is declined (no money): the arrears suspend post-pay, and the gate learns it.
@@ -228,7 +250,7 @@ def test_offline_postpay_is_charged_to_a_driver_suspended_since(city: City) -> N
 
     # Meanwhile the gate, cut off, had let the car out of its second stay on post-pay.
     session_id = enter(city, car, now - timedelta(hours=3))
-    promise = offline("postpay", eligibility_version=version, decided_at=now.isoformat())
+    promise = offline("postpay", eligibility_version=version, decided_at=cut_off(city))
     body = exit_body(car, at=now - timedelta(hours=2), offline_decision=promise)
     answer = leave(city, body)
 
@@ -275,8 +297,11 @@ def test_offline_postpay_is_honoured_while_the_vehicle_has_a_driver(
     city: City, now_status: PostpayStatus
 ) -> None:
     car = new_plate()
-    driver_id = gate_driver(city, car, now_status)
-    body = exit_body(car, offline_decision=offline("postpay"))
+    driver_id = gate_driver(city, car, PostpayStatus.active)
+    version = served_now(city)
+    gate_driver(city, car, now_status, driver_id, version=2)
+    promise = offline("postpay", eligibility_version=version, decided_at=cut_off(city))
+    body = exit_body(car, offline_decision=promise)
 
     answer = leave(city, body)
 
@@ -293,8 +318,15 @@ def test_offline_postpay_for_a_vehicle_nobody_owns_keeps_the_promise_on_the_even
     city: City,
 ) -> None:
     car = new_plate()
+    driver_id = gate_driver(city, car, PostpayStatus.active)
+    version = served_now(city)
     enter(city, car, datetime.now(UTC) - timedelta(hours=1))
-    promise = offline("postpay")
+    # The driver gives the car up meanwhile: an account without it.
+    account = AccountUpdated(
+        driver_id=driver_id, version=2, postpay=PostpayStatus.active, vehicles=[]
+    )
+    assert gate_state.apply_account(city.rt.redis, account)
+    promise = offline("postpay", eligibility_version=version, decided_at=cut_off(city))
     body = exit_body(car, offline_decision=promise)
 
     answer = leave(city, body)
@@ -371,8 +403,11 @@ def test_a_pass_still_lets_the_car_out_free(city: City) -> None:
 
 def test_batches_carry_the_offline_decision_per_item(city: City) -> None:
     suspended, stranger = new_plate(), new_plate()
-    gate_driver(city, suspended, PostpayStatus.suspended)
-    honoured = {"kind": "exit", **exit_body(suspended, offline_decision=offline("postpay"))}
+    driver_id = gate_driver(city, suspended, PostpayStatus.active)
+    version = served_now(city)
+    gate_driver(city, suspended, PostpayStatus.suspended, driver_id, version=2)
+    promise = offline("postpay", eligibility_version=version, decided_at=cut_off(city))
+    honoured = {"kind": "exit", **exit_body(suspended, offline_decision=promise)}
     invalid = {"kind": "exit", **exit_body(stranger, offline_decision=offline("later"))}
     plain = {"kind": "exit", **exit_body(suspended)}
 
@@ -425,6 +460,7 @@ def test_the_connector_and_the_city_agree_on_the_replayed_field(city: City) -> N
         at_gate = connector.exit(plate=car, plate_color="blue", lane="X1")
 
         assert (at_gate.decision, at_gate.offline) == ("postpay", True)
+        time.sleep(1.2)  # an outage the city can tell from its silence (over 1 s)
         uplink.down = False
         assert connector.flush(timeout=10) == 0
         stored = connector.outbox.get(at_gate.event_id)

@@ -22,7 +22,8 @@ from services.gateway.connector.schemas import (
     PassIn,
     PassOut,
 )
-from services.gateway.gate import state
+from services.gateway.offline import service as offline
+from shared.doors import BodyTooLarge
 from shared.errors import (
     DigestMismatch,
     KeyUnknown,
@@ -49,6 +50,7 @@ SIGNED = problem_responses(
     NonceReused,
     DigestMismatch,
     RateLimited,
+    BodyTooLarge,
 )
 EVENT_ERRORS = problem_responses(PlateInvalid, PlateColorInvalid, service.OccurredAtOutOfRange)
 EXIT_ERRORS = problem_responses(
@@ -64,7 +66,13 @@ async def _over_budget(request: Request, caller: Caller) -> JSONResponse | None:
     """The 429 answer when the lot is over its request budget (checked after the signature,
     so nobody can spend a lot's budget with requests it did not sign)."""
     assert caller.lot_id
-    wait = await run_in_threadpool(ratelimit.check, _rt(request), caller.lot_id)
+    lot_id = caller.lot_id
+
+    def count() -> float | None:
+        offline.mark_seen(_rt(request), lot_id)  # the car park is in touch: no outage now
+        return ratelimit.check(_rt(request), lot_id)
+
+    wait = await run_in_threadpool(count)
     return None if wait is None else ratelimit.too_many(wait)
 
 
@@ -96,12 +104,15 @@ async def report_exit(data: ExitIn, caller: LotAuth, request: Request) -> ExitOu
     The exit is durably recorded before the answer.
 
     The replay of an exit the gate decided offline carries `offline_decision`. A `postpay`
-    given then is honoured: if the vehicle still belongs to a driver, the exit is recorded
+    given then is honoured when the city can back it: `decided_at` lies in an outage of the
+    car park, the city served it the snapshot `eligibility_version` and the vehicle was
+    eligible in it. Then, if the vehicle still belongs to a driver, the exit is recorded
     `postpay` with reason `offline_snapshot` (charged as usual, a decline opens arrears) even
-    when the city would now say `pay_on_site`. If the vehicle belongs to nobody any more, the
-    current decision stands and the event keeps the offline one. An offline `pay_on_site`
-    promises nothing, and a pass still makes the exit `free`. The answer says what was
-    recorded. The same applies to exits in `/batches`."""
+    when the city would now say `pay_on_site`; if it belongs to nobody any more, the current
+    decision stands and the event keeps the offline one. An unbacked `postpay` is decided as
+    the city decides now and kept as a claim for the operator. An offline `pay_on_site` or
+    `free` is never charged afterwards, and a pass still makes the exit `free`. The answer
+    says what was recorded. The same applies to exits in `/batches`."""
     if (limited := await _over_budget(request, caller)) is not None:
         return limited
     rt = _rt(request)
@@ -161,10 +172,12 @@ async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Res
     """Hashed plates allowed to leave on post-pay now, for gate decisions while offline.
 
     `vehicles` holds sha256("<plate>:<plate_color>") of normalised plates. The answer carries
-    an `ETag`; send it back in `If-None-Match` to get 304 while nothing changed."""
+    an `ETag`; send it back in `If-None-Match` to get 304 while nothing changed. The city keeps
+    every version it served to the car park for at least 7 days after it was replaced: an
+    offline `postpay` is honoured only for a vehicle eligible in the version the gate had."""
     if (limited := await _over_budget(request, caller)) is not None:
         return limited
-    version, hashes = await run_in_threadpool(state.eligibility, _rt(request).redis)
+    version, hashes = await run_in_threadpool(offline.read_eligibility, _rt(request).redis)
     assert caller.lot_id
     passes_version, entries = await run_in_threadpool(passes.view, _rt(request), caller.lot_id)
     # The lot's post-pay flag and passes are part of the answer, so they are part of the tag.
@@ -172,10 +185,13 @@ async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Res
     if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     # A lot without post-pay decides `pay_on_site` anyway; it has no use for drivers' hashes.
+    served = hashes if caller.postpay_enabled else []
+    # Kept as served: an offline `postpay` is honoured only if this snapshot backs it.
+    await run_in_threadpool(offline.record_served, _rt(request), caller.lot_id, version, served)
     out = EligibilityOut(
         version=version,
         lot_postpay_enabled=caller.postpay_enabled,
-        vehicles=hashes if caller.postpay_enabled else [],
+        vehicles=served,
         passes=entries,
         passes_version=passes_version,
     )

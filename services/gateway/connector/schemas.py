@@ -57,11 +57,15 @@ class ExitIn(Strict):
         default=None,
         description=(
             "Only on the replay of an exit the gate decided offline. An offline `postpay` is "
-            "honoured when the vehicle still belongs to a driver: the exit is recorded "
-            "`postpay` with reason `offline_snapshot` even if the driver was suspended or "
-            "lost the account meanwhile. An offline `pay_on_site` or `free` is kept as it was "
-            "(reason `offline_snapshot`): the driver paid at the gate and is not charged "
-            "again. Online exits leave it out."
+            "honoured when the city can back it: `decided_at` falls in an outage of the car "
+            "park (after its last request the city received, not in the future), the city "
+            "served it snapshot `eligibility_version` and the vehicle was eligible in it. "
+            "Then, if the vehicle still belongs to a driver, the exit is recorded `postpay` "
+            "with reason `offline_snapshot` even if the driver was suspended or lost the "
+            "account meanwhile. Otherwise the exit is decided as the city decides it now and "
+            "the claim is kept for the operator (`GET /v1/admin/unbacked-claims`). An offline "
+            "`pay_on_site` or `free` is kept as it was (reason `offline_snapshot`): the driver "
+            "paid at the gate and is not charged again. Online exits leave it out."
         ),
         examples=[OFFLINE_DECISION_EXAMPLE],
     )

@@ -27,6 +27,7 @@ from services.gateway.connector.schemas import (
     OfflineDecisionInvalid,
 )
 from services.gateway.gate import state
+from services.gateway.offline import service as bounds
 from shared.errors import Problem, problem
 from shared.events import Decision, EventType, Kind, LotEvent, new_event, session_id_for
 from shared.plates import normalize_plate, parse_plate_color
@@ -114,23 +115,63 @@ def prepare_entry(rt: Runtime, caller: Caller, data: EntryIn) -> tuple[EntryOut,
 
 
 def _keep_offline_answer(
-    caller: Caller, data: ExitIn, offline: OfflineDecisionIn, fresh: state.GateAnswer
+    rt: Runtime,
+    caller: Caller,
+    data: ExitIn,
+    plate: str,
+    color: str,
+    offline: OfflineDecisionIn,
+    fresh: state.GateAnswer,
 ) -> state.GateAnswer:
-    """What the gate answered offline is what happened at the barrier; the record follows it.
+    """What the gate answered offline is what happened at the barrier; the record follows it
+    as far as the city can stand behind it (docs/gate.md, "Offline decisions").
 
-    An offline `postpay` let the car out on the city's own snapshot: the driver whose vehicle
-    it is is charged as promised (a decline then opens arrears like any other), even if they
-    were suspended or unbound meanwhile; with nobody behind the plate any more there is no one
-    to charge, and the event keeps the promise for the operator's claim. An offline
-    `pay_on_site` (or `free`) means the driver paid at the gate (or left free): charging them
-    again afterwards would take the money twice, so it stays what the gate said."""
+    An offline `postpay` the city can back (the car park was in an outage at `decided_at` and
+    held a snapshot the city served it, in which the vehicle was eligible) is honoured: the
+    driver whose vehicle it is is charged as promised (a decline then opens arrears like any
+    other), even if they were suspended or unbound meanwhile; with nobody behind the plate any
+    more there is no one to charge, and the event keeps the promise. One it cannot back is
+    decided as the city decides now and kept as a claim for the operator to take up.
+
+    An offline `pay_on_site` (or `free`) means the driver paid at the gate (or left free):
+    charging them again afterwards would take the money twice, so it stays what the gate said
+    and the city charges nothing; where the city would have said `postpay`, it is kept as a
+    claim too (the operator carries what the gate did not collect)."""
     if offline.decision is fresh.decision:
         return fresh
+    assert caller.lot_id
     where = {"lot": caller.lot_code, "event_id": str(data.event_id)}
+    claim = {
+        "lot_id": caller.lot_id,
+        "event_id": str(data.event_id),
+        "lot_code": caller.lot_code or "",
+        "plate": plate,
+        "plate_color": color,
+        "claimed_decision": offline.decision.value,
+        "eligibility_version": offline.eligibility_version,
+        "decided_at": offline.decided_at,
+    }
     if offline.decision is Decision.postpay:
+        unbacked = bounds.unbacked_reason(
+            rt,
+            caller.lot_id,
+            state.plate_hash(plate, color),
+            offline.eligibility_version,
+            offline.decided_at,
+            utcnow(),
+        )
+        if unbacked is not None:
+            bounds.record_claim(
+                rt,
+                **claim,
+                reason=unbacked,
+                decision=fresh.decision.value,
+                driver_id=fresh.driver_id,
+            )
+            return fresh
         if fresh.driver_id is None:
             log.warning(
-                "connector.offline_promise_unbacked",
+                "connector.offline_promise_unchargeable",
                 **where,
                 fresh_reason=fresh.reason,
                 eligibility_version=offline.eligibility_version,
@@ -145,9 +186,10 @@ def _keep_offline_answer(
         )
         return state.GateAnswer(Decision.postpay, "offline_snapshot", fresh.driver_id)
     if fresh.decision is Decision.postpay:
-        log.info(
-            "connector.offline_answer_kept",
-            **where,
+        bounds.record_claim(
+            rt,
+            **claim,
+            reason=bounds.CITY_WOULD_POSTPAY,
             decision=offline.decision.value,
             driver_id=fresh.driver_id,
         )
@@ -185,7 +227,7 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
     if reason is not None:
         answer = state.GateAnswer(Decision.free, reason, answer.driver_id)
     elif offline is not None:
-        answer = _keep_offline_answer(caller, data, offline, answer)
+        answer = _keep_offline_answer(rt, caller, data, plate, color, offline, answer)
     event = _lot_event(
         caller,
         Kind.exit,

@@ -1,0 +1,37 @@
+"""Offline claims for city ops: what the gates decided offline that the city did not back."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import AwareDatetime
+
+from services.gateway.offline import service
+from services.gateway.offline.schemas import OfflineClaimOut
+from shared.auth import ViewerAuth
+from shared.deps import DbSession
+from shared.masking import mask_plate
+
+router = APIRouter(prefix="/v1/admin", tags=["admin: gates"])
+
+
+@router.get("/unbacked-claims", response_model=list[OfflineClaimOut])
+def list_claims(
+    db: DbSession,
+    _: ViewerAuth,
+    lot_id: str | None = None,
+    since: AwareDatetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> list[OfflineClaimOut]:
+    """Offline gate decisions the city did not take as stated, newest first: an offline
+    `postpay` it could not back (decided as the city decides now; the operator takes it up
+    with the driver), or a `pay_on_site`/`free` where the city would have said `postpay`
+    (nothing charged afterwards). See docs/gate.md, "Offline decisions"."""
+    out = [
+        OfflineClaimOut.model_validate(row, from_attributes=True)
+        for row in service.claims(db, lot_id=lot_id, since=since, limit=limit)
+    ]
+    for claim in out:
+        claim.plate = mask_plate(claim.plate)
+    return out
