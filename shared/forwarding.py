@@ -13,10 +13,11 @@ never rewritten from a header.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 from fastapi import Request
+
+from shared.keys import Purpose, derive_hex
 
 FORWARDED_FOR = "x-forwarded-for"
 FORWARDED_PROOF = "x-citypark-forwarded"
@@ -25,7 +26,7 @@ UNKNOWN = "unknown"
 
 def forwarding_proof(secret: str) -> str:
     """What the gateway's proxy presents with the address it forwards."""
-    return hmac.new(secret.encode(), b"citypark-gateway-forwarded-for", hashlib.sha256).hexdigest()
+    return derive_hex(secret, Purpose.forwarded_for)  # `secret` is the master secret
 
 
 def client_address(request: Request, secret: str) -> str:

@@ -33,6 +33,8 @@ class Purpose(StrEnum):
     idempotency = "idempotency answers"
     paysandbox = "paysandbox bearer"
     paysandbox_notify = "paysandbox notifications"
+    forwarded_for = "gateway forwarded-for proof"
+    signin_tags = "sign-in tags"
 
 
 @lru_cache(maxsize=128)

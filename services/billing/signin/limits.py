@@ -30,6 +30,7 @@ import redis
 
 from shared.cache import count_in_window
 from shared.errors import problem
+from shared.keys import Purpose, derive
 from shared.settings import Settings
 
 SigninRateLimited = problem(429, "signin_rate_limited", "Too many sign-in requests")
@@ -43,7 +44,8 @@ PREFIX = "citypark:signin"
 
 def keyed(secret: str, purpose: str, value: str, length: int = 16) -> str:
     """A short keyed hash: stable for one secret, says nothing about `value` without it."""
-    mac = hmac.new(secret.encode(), f"signin-{purpose}:{value}".encode(), hashlib.sha256)
+    key = derive(secret, Purpose.signin_tags)  # `secret` is the master secret
+    mac = hmac.new(key, f"signin-{purpose}:{value}".encode(), hashlib.sha256)
     return mac.hexdigest()[:length]
 
 
