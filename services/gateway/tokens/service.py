@@ -145,7 +145,7 @@ def revoked_until(db: Session) -> list[tuple[str, datetime]]:
         .where(AdminToken.revoked_at.is_not(None), AdminToken.expires_at > utcnow())
         .order_by(AdminToken.expires_at)
     )
-    return [(jti, expires) for jti, expires in rows]
+    return [(jti, expires) for jti, expires in rows if expires is not None]
 
 
 def revoked(db: Session) -> dict[str, float]:
