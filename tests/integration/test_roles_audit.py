@@ -30,6 +30,7 @@ from services.billing.charge.models import Charge, ChargeStatus
 from services.billing.driver.models import Driver
 from services.billing.provider.sandbox import SandboxProvider
 from services.billing.refund.models import Dispute
+from services.gateway.models import OfflineClaim
 from services.lots import consumers as lots_consumers
 from services.lots.schemas import EXAMPLE_TARIFF
 from services.sessions.models import ParkingSession
@@ -103,7 +104,8 @@ def staff(rt: Runtime) -> dict[Role, tuple[dict[str, str], str]]:
 
 @pytest.fixture(scope="module")
 def parked(factory: sessionmaker[Session]) -> dict[str, str]:
-    """A parking, a driver in arrears (with a phone) and a dead letter carrying a plate."""
+    """A parking, a driver in arrears (with a phone), a dead letter carrying a plate and an
+    offline gate decision the city did not back."""
     plate = _plate()
     phone = f"139{random.randrange(10**8):08d}"
     now = datetime.now(UTC)
@@ -156,9 +158,24 @@ def parked(factory: sessionmaker[Session]) -> dict[str, str]:
             reason="unexpected",
         )
         db.add(letter)
+        claim_lot = str(uuid.uuid4())
+        db.add(
+            OfflineClaim(
+                lot_id=claim_lot,
+                event_id=str(uuid.uuid4()),
+                lot_code="RA-1",
+                plate=plate,
+                plate_color="blue",
+                claimed_decision="postpay",
+                decided_at=now - timedelta(minutes=5),
+                reason="not_eligible",
+                decision="pay_on_site",
+            )
+        )
         db.flush()
         return {
             "plate": plate,
+            "claim_lot": claim_lot,
             "phone": phone,
             "session_id": session.id,
             "driver_id": driver.id,
@@ -198,6 +215,11 @@ def test_viewer_and_finance_read_plates_and_phones_masked(
         assert mask_phone(phone) in letter["payload"]
         assert letter["error"] == f"KeyError: no lot for {mask_plate(plate)}"
 
+        claims = client.get(
+            "/v1/admin/unbacked-claims", params={"lot_id": parked["claim_lot"]}, headers=headers
+        )
+        assert [c["plate"] for c in claims.json()] == [mask_plate(plate)], claims.text
+
 
 def test_unmasked_look_ups_are_for_admins_with_a_reason(
     client: TestClient, staff: dict[Role, tuple[dict[str, str], str]], parked: dict[str, str]
@@ -225,6 +247,12 @@ def test_unmasked_look_ups_are_for_admins_with_a_reason(
         headers=admin,
     ).json()
     assert json.loads(letters["dead_letters"][0]["payload"])["data"]["plate"] == plate
+    claims = client.get(
+        "/v1/admin/unbacked-claims",
+        params={"lot_id": parked["claim_lot"], "unmasked": "true", "reason": REASON},
+        headers=admin,
+    ).json()
+    assert [c["plate"] for c in claims] == [plate]
 
 
 def test_bank_accounts_are_for_finance_and_admin(

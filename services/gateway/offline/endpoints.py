@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from pydantic import AwareDatetime
 
 from services.gateway.offline import service
 from services.gateway.offline.schemas import OfflineClaimOut
-from shared.auth import ViewerAuth
 from shared.deps import DbSession
-from shared.masking import mask_plate
+from shared.masking import UNMASK_RESPONSES, View, staff_view
 
 router = APIRouter(prefix="/v1/admin", tags=["admin: gates"])
 
 
-@router.get("/unbacked-claims", response_model=list[OfflineClaimOut])
+@router.get("/unbacked-claims", response_model=list[OfflineClaimOut], responses=UNMASK_RESPONSES)
 def list_claims(
+    view: Annotated[View, Depends(staff_view("gateway", "offline_claim"))],
     db: DbSession,
-    _: ViewerAuth,
     lot_id: str | None = None,
     since: AwareDatetime | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -33,5 +32,5 @@ def list_claims(
         for row in service.claims(db, lot_id=lot_id, since=since, limit=limit)
     ]
     for claim in out:
-        claim.plate = mask_plate(claim.plate)
+        claim.plate = view.plate(claim.plate)  # masked unless an admin asked, with a reason
     return out
