@@ -20,9 +20,10 @@ from citypark_connector import ConnectorClient, ConnectorError, EventRejected, g
 from rich.progress import Progress, TaskID
 from sqlalchemy.orm import Session, sessionmaker
 
+from loadtests.ownership import proven_vehicle
 from loadtests.seed import plate
 from services.billing.driver import service as drivers
-from services.billing.driver.models import Driver, PaymentAccount, Vehicle
+from services.billing.driver.models import Driver, PaymentAccount
 from services.demo import dwell
 from services.lots.schemas import EXAMPLE_TARIFF
 from services.paysandbox.models import Agreement
@@ -160,7 +161,7 @@ def seed_city(
                 )
                 db.add_all([driver, agreement])
                 db.flush()
-                db.add(Vehicle(driver_id=driver.id, plate=p, plate_color="blue"))
+                db.add(proven_vehicle(driver.id, p))
                 db.add(
                     PaymentAccount(
                         driver_id=driver.id,

@@ -43,7 +43,9 @@ def _settings(database_url: str, redis_url: str, port: int) -> Settings:
 
 
 def _seed(settings: Settings, vehicles: int, sessions: int) -> float:
-    from services.billing.driver.models import Driver, Vehicle
+    from loadtests.ownership import proven_row
+    from services.billing.driver.models import Driver
+    from services.billing.vehicle.models import Vehicle
     from services.sessions.models import ParkingSession, SessionStatus
     from shared.runtime import Runtime
 
@@ -69,12 +71,7 @@ def _seed(settings: Settings, vehicles: int, sessions: int) -> float:
             db.execute(
                 insert(Vehicle),
                 [
-                    {
-                        "id": str(uuid.uuid4()),
-                        "driver_id": d,
-                        "plate": f"苏E{start + i:06}",
-                        "plate_color": "blue",
-                    }
+                    proven_row(d, f"苏E{start + i:06}")
                     for i, d in enumerate(ids)
                 ],
             )

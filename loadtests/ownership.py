@@ -9,13 +9,17 @@ embedded (the default) or an absolute URL in the real topology (`Topology.regist
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 EMBEDDED_REGISTRY = "/sandbox/vehicle-registry"
+# When the vehicles load tools write straight into billing's tables were proven: before any
+# stay they report, so their drivers see every parking.
+PROVEN_LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
 VIN_ALPHABET = "0123456789ABCDEFGHJKLMNPRSTUVWXYZ"  # no I, O or Q, as in real VINs
 
 
@@ -96,3 +100,22 @@ def backdate_verification(
 
     with factory.begin() as db:
         db.execute(update(Vehicle).where(Vehicle.id == vehicle_id).values(verified_at=verified_at))
+
+
+def proven_row(driver_id: str, plate: str, plate_color: str = "blue") -> dict[str, Any]:
+    """A billing vehicle row, verified long ago, for seeding with `insert(Vehicle)`."""
+    return {
+        "id": str(uuid.uuid4()),
+        "driver_id": driver_id,
+        "plate": plate,
+        "plate_color": plate_color,
+        "status": "verified",
+        "verified_at": PROVEN_LONG_AGO,
+    }
+
+
+def proven_vehicle(driver_id: str, plate: str, plate_color: str = "blue") -> Any:
+    """The same as a model instance, for `db.add`."""
+    from services.billing.vehicle.models import Vehicle
+
+    return Vehicle(**proven_row(driver_id, plate, plate_color))

@@ -13,8 +13,9 @@ import httpx
 from citypark_connector import generate_keypair
 from rich.progress import Progress
 
+from loadtests.ownership import proven_vehicle
 from services.billing.driver import service as drivers
-from services.billing.driver.models import Driver, PaymentAccount, Vehicle
+from services.billing.driver.models import Driver, PaymentAccount
 from services.lots.schemas import EXAMPLE_TARIFF
 from services.paysandbox.models import Agreement
 from shared.db import transaction
@@ -121,7 +122,7 @@ def seed(rt: Runtime, admin: httpx.Client, *, n_lots: int, n_drivers: int, run_i
                     )
                     db.add_all([driver, agreement])
                     db.flush()
-                    db.add(Vehicle(driver_id=driver.id, plate=p, plate_color="blue"))
+                    db.add(proven_vehicle(driver.id, p))
                     db.add(
                         PaymentAccount(
                             driver_id=driver.id,

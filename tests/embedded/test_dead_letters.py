@@ -15,6 +15,7 @@ from citypark_connector import ConnectorClient
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from loadtests.ownership import add_verified_vehicle
 from services.billing.charge import service as charges
 from services.cli import app as cli
 from services.gateway.gate import state as gate_state
@@ -56,12 +57,7 @@ def _driver(client: TestClient, admin: dict[str, str], phone: str, plate: str) -
     client.put(
         "/v1/me/account", headers=me, json={"provider": "sandbox", "agreement_no": agreement}
     )
-    assert (
-        client.post(
-            "/v1/me/vehicles", headers=me, json={"plate": plate, "plate_color": "blue"}
-        ).status_code
-        == 201
-    )
+    add_verified_vehicle(client, me, plate)
     return me
 
 

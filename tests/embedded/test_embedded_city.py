@@ -13,6 +13,7 @@ import pytest
 from citypark_connector import ConnectorClient
 from fastapi.testclient import TestClient
 
+from loadtests.ownership import backdate_verification, register_in_registry, verify
 from services.gateway.gate import state as gate_state
 from services.lots.schemas import EXAMPLE_TARIFF
 from tests.embedded_city import embedded_city, onboard_lot, wait_for
@@ -94,6 +95,18 @@ def test_whole_flow_on_the_embedded_default(client: TestClient, tmp_path: Path) 
         json={"plate": "苏E66666", "plate_color": "blue"},
     )
     assert reused.json()["code"] == "idempotency_key_reused"
+    # Unproven, the plate opens nothing; proven against the sandbox registry it does. The proof
+    # is dated two days back: the stay below is reported a day late, and a driver sees only
+    # parkings that began after the proof.
+    assert first.json()["status"] == "unverified"
+    vin = register_in_registry(client, "苏E55555")
+    proved = verify(client, me, first.json()["id"], owner_name="测试车主", vin=vin)
+    assert proved.status_code == 200, proved.text
+    backdate_verification(
+        client.app.state.runtime.sessionmaker,  # type: ignore[attr-defined]
+        first.json()["id"],
+        datetime.now(SHANGHAI) - timedelta(days=2),
+    )
 
     connector = ConnectorClient(
         "emb-1", private_pem, base_url="http://testserver", transport=client._transport

@@ -19,6 +19,7 @@ from citypark_connector import sign_request
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from loadtests.ownership import add_verified_vehicle
 from services.gateway.gate import consumers as gate_consumers
 from services.gateway.gate import rebuild
 from services.gateway.gate import state as gate_state
@@ -99,8 +100,7 @@ def enrol(city: City, phone: str, plate: str) -> None:
         "/v1/me/account", headers=me, json={"provider": "sandbox", "agreement_no": agreement}
     )
     assert bound.status_code == 200, bound.text
-    added = client.post("/v1/me/vehicles", headers=me, json={"plate": plate, "plate_color": "blue"})
-    assert added.status_code == 201, added.text
+    add_verified_vehicle(client, me, plate)
 
 
 def gate_says(city: City, plate: str) -> gate_state.GateAnswer:

@@ -29,10 +29,11 @@ from pydantic import SecretStr
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from loadtests.ownership import proven_vehicle
 from services.billing.charge import service as charges
 from services.billing.charge.models import Charge, ChargeStatus
 from services.billing.driver import service as drivers
-from services.billing.driver.models import Driver, PaymentAccount, Vehicle
+from services.billing.driver.models import Driver, PaymentAccount
 from services.billing.ledger import service as ledger
 from services.billing.ledger.models import Journal
 from services.billing.main import part as billing_part
@@ -235,7 +236,7 @@ def enrolled(factory: sessionmaker[Session], agreement_no: str, plate: str | Non
             )
         )
         if plate:
-            db.add(Vehicle(driver_id=driver.id, plate=plate, plate_color="blue"))
+            db.add(proven_vehicle(driver.id, plate))
         return driver.id
 
 

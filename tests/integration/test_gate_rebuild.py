@@ -27,9 +27,11 @@ from citypark_connector import ConnectorClient, EventState, sign_request
 from pydantic import SecretStr
 from sqlalchemy import insert
 
+from loadtests.ownership import add_verified_vehicle, proven_row
 from services import city
-from services.billing.driver.models import Driver, Vehicle
+from services.billing.driver.models import Driver
 from services.billing.main import part as billing
+from services.billing.vehicle.models import Vehicle
 from services.gateway.gate import rebuild
 from services.gateway.gate import state as gate_state
 from services.gateway.main import part as gateway
@@ -69,6 +71,7 @@ def gsettings(infra: Infra) -> Iterator[Settings]:
             sessions_url=f"http://127.0.0.1:{PORT}",
             billing_url=f"http://127.0.0.1:{PORT}",
             paysandbox_url=f"http://127.0.0.1:{PORT}/sandbox/pay",
+            vehicle_registry_url=f"http://127.0.0.1:{PORT}/sandbox/vehicle-registry",
         )
         city.migrate(s)
         redis.Redis.from_url(s.redis_url).flushdb()
@@ -158,10 +161,7 @@ def enrol(server: Server, phone: str, plate: str) -> None:
             "/v1/me/account", headers=me, json={"provider": "sandbox", "agreement_no": agreement}
         )
         assert bound.status_code == 200, bound.text
-        added = http.post(
-            "/v1/me/vehicles", headers=me, json={"plate": plate, "plate_color": "blue"}
-        )
-        assert added.status_code == 201, added.text
+        add_verified_vehicle(http, me, plate)
 
 
 def says(server: Server, plate: str) -> str:
@@ -291,12 +291,7 @@ def test_citypark_gate_rebuild(server: Server, gsettings: Settings) -> None:
         db.execute(
             insert(Vehicle),
             [
-                {
-                    "id": str(uuid.uuid4()),
-                    "driver_id": d,
-                    "plate": f"沪C{i:05}",
-                    "plate_color": "blue",
-                }
+                proven_row(d, f"沪C{i:05}")
                 for i, d in enumerate(ids)
             ],
         )

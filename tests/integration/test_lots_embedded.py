@@ -16,6 +16,7 @@ import pytest
 from citypark_connector import ConnectorClient, generate_keypair
 from fastapi.testclient import TestClient
 
+from loadtests.ownership import add_verified_vehicle
 from services.gateway.gate import state as gate_state
 from services.lots.schemas import EXAMPLE_TARIFF
 from shared.auth import Role, issue_admin_token
@@ -93,7 +94,7 @@ def test_map_figures_and_prices_on_the_embedded_default(client: TestClient) -> N
     client.put(
         "/v1/me/account", headers=me, json={"provider": "sandbox", "agreement_no": agreement}
     )
-    client.post("/v1/me/vehicles", headers=me, json={"plate": "苏E77777", "plate_color": "blue"})
+    add_verified_vehicle(client, me, "苏E77777")
     eventually(lambda: gate_state.driver_of(rt.redis, "苏E77777", "blue"))
 
     entered = datetime.now(SHANGHAI).replace(microsecond=0) - timedelta(hours=3, minutes=7)

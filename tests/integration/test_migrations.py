@@ -25,6 +25,7 @@ MODELS = [
     "services.sessions.models",
     "services.billing.db",
     "services.paysandbox.models",
+    "services.vehicleregistry.models",
 ]
 
 

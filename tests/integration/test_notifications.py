@@ -22,9 +22,10 @@ from pydantic import BaseModel
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from loadtests.ownership import proven_vehicle
 from services.billing.charge import service as charges
 from services.billing.charge.models import Charge, ChargeStatus
-from services.billing.driver.models import Driver, PaymentAccount, SmsMessage, Vehicle
+from services.billing.driver.models import Driver, PaymentAccount, SmsMessage
 from services.billing.main import part as billing_part
 from services.billing.notification import consumers as notification_consumers
 from services.billing.notification import service as notifications
@@ -148,7 +149,7 @@ def enrolled_driver(factory: sessionmaker[Session], plate: str = PLATE) -> str:
                 driver_id=driver.id, provider="sandbox", agreement_no="AGR", masked_account="**"
             )
         )
-        db.add(Vehicle(driver_id=driver.id, plate=plate, plate_color="blue"))
+        db.add(proven_vehicle(driver.id, plate))
         return driver.id
 
 

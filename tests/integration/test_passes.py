@@ -18,10 +18,11 @@ from citypark_connector import ConnectorClient, ConnectorError, SignatureAuth
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.billing import endpoints as billing_endpoints
+from loadtests.ownership import proven_vehicle
 from services.billing.charge import service as charges
 from services.billing.charge.models import Charge
-from services.billing.driver.models import Driver, Vehicle
+from services.billing.driver.models import Driver
+from services.billing.vehicle import endpoints as vehicle_endpoints
 from services.gateway.gate import state
 from shared.auth import issue_driver_token
 from shared.events import AccountUpdated, Decision, PostpayStatus, SessionClosed, VehicleRef
@@ -66,7 +67,7 @@ def rt(psettings: Settings) -> Runtime:
 def gw(rt: Runtime) -> Iterator[Gateway]:
     server = Gateway(rt, PORT)
     # Drivers' passes are billing's route (it knows the driver's vehicles).
-    server.app.include_router(billing_endpoints.me)
+    server.app.include_router(vehicle_endpoints.me)
     server.start()
     yield server
     server.stop()
@@ -116,7 +117,7 @@ def enrol(rt: Runtime, plate: str) -> str:
             driver_id=driver_id,
             version=1,
             postpay=PostpayStatus.active,
-            vehicles=[VehicleRef(plate=plate, plate_color="blue")],
+            vehicles=[VehicleRef(plate=plate, plate_color="blue", verified=True)],
         ),
     )
     return driver_id
@@ -429,7 +430,7 @@ def test_drivers_see_their_passes_and_nobody_else_s(
         driver = Driver(phone=f"139{uuid.uuid4().int % 10**8:08d}")
         db.add(driver)
         db.flush()
-        db.add(Vehicle(driver_id=driver.id, plate=mine, plate_color="blue"))
+        db.add(proven_vehicle(driver.id, mine))
         driver_id = driver.id
     token = issue_driver_token(rt.secret, driver_id, 600)
     answer = httpx.get(
