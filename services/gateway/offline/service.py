@@ -194,9 +194,8 @@ def _maybe_prune(rt: Runtime) -> None:
 def prune(db: Session, before: datetime) -> int:
     """Forget snapshots a car park stopped using before `before`, and plates no snapshot
     served still refers to; how many served snapshots went."""
-    gone = db.execute(
-        delete(EligibilityServed).where(EligibilityServed.superseded_at < before)
-    ).rowcount
+    result = db.execute(delete(EligibilityServed).where(EligibilityServed.superseded_at < before))
+    gone = getattr(result, "rowcount", 0)
     db.execute(
         delete(EligibilitySet).where(
             EligibilitySet.digest.not_in(select(EligibilityServed.digest).distinct())
