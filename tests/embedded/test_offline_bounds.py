@@ -364,3 +364,10 @@ def test_an_outside_caller_with_the_internal_token_is_not_let_in(city: City) -> 
     assert forged.status_code == 401
     # The city's own internal calls still pass (they carry the process's door token).
     assert city.rt.internal("lots").call("GET", "/internal/lots/stats") is not None
+
+
+@pytest.mark.parametrize("pass_id", ["%2E%2E", "%2e", "a%3Fb", "a%23b"])
+def test_a_pass_id_that_would_change_the_internal_url_is_refused(city: City, pass_id: str) -> None:
+    answer = city.gate.delete(f"/v1/connector/passes/{pass_id}")
+
+    assert (answer.status_code, answer.json()["code"]) == (422, "pass_id_invalid")

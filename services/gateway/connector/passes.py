@@ -15,6 +15,7 @@ stay (from the entry time the gateway remembered) against the same windows billi
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -100,8 +101,19 @@ def _invalidate(r: redis.Redis, lot_id: str) -> None:
     pipe.execute()
 
 
+_PASS_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _checked(pass_id: str) -> str:
+    """The id as it may go into the lots service's URL: never a dot segment, `?` or `/`."""
+    if not _PASS_ID.fullmatch(pass_id) or pass_id in (".", ".."):
+        raise PassIdInvalid("A pass id is 1-64 letters, digits or . _ : - characters")
+    return pass_id
+
+
 def put(rt: Runtime, caller: Caller, pass_id: str, data: PassIn) -> PassOut:
     assert caller.lot_id
+    pass_id = _checked(pass_id)
     body = data.model_dump(mode="json")
     # Normalised here so a bad plate is refused before anything is written.
     body["plate"] = normalize_plate(data.plate)
@@ -114,6 +126,7 @@ def put(rt: Runtime, caller: Caller, pass_id: str, data: PassIn) -> PassOut:
 
 def delete(rt: Runtime, caller: Caller, pass_id: str) -> None:
     assert caller.lot_id
+    pass_id = _checked(pass_id)
     _lots(rt, "DELETE", f"/internal/lots/{caller.lot_id}/passes/{pass_id}")
     _invalidate(rt.redis, caller.lot_id)
     log.info("connector.pass_deleted", lot=caller.lot_code, pass_id=pass_id)
