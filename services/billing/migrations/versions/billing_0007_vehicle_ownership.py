@@ -26,9 +26,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("billing_vehicle", schema=None) as batch_op:
         batch_op.add_column(
-            sa.Column(
-                "status", sa.String(length=12), nullable=False, server_default="unverified"
-            )
+            sa.Column("status", sa.String(length=12), nullable=False, server_default="unverified")
         )
         batch_op.add_column(
             sa.Column("verified_at", shared.db.UTCDateTime(timezone=True), nullable=True)
