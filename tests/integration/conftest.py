@@ -36,6 +36,8 @@ def settings(infra: Infra, fresh_database: str) -> Settings:
         cache=CacheKind.redis,
         jwt_secret=SecretStr("integration-secret-long-enough-for-hs256"),
         paysandbox_url=f"http://127.0.0.1:{SANDBOX_PORT}",
+        # These suites use the sandboxes as the provider and the SMS gateway, as `make run` does.
+        sandbox_mode=True,
     )
     city.migrate(s)
     return s

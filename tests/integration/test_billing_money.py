@@ -109,6 +109,7 @@ def _env(s: Settings) -> dict[str, str]:
         "CITYPARK_JWT_SECRET": s.jwt_secret.get_secret_value(),
         "CITYPARK_PAYSANDBOX_URL": s.paysandbox_url,
         "CITYPARK_PAYSANDBOX_NOTIFY_SECRET": NOTIFY_SECRET,
+        "CITYPARK_SANDBOX_MODE": "true",
         "CITYPARK_BILLING_URL": f"http://127.0.0.1:{BILLING_PROC_PORT}",
         "CITYPARK_ARREARS_SWEEP_INTERVAL_S": "3600",
     }

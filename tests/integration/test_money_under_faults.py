@@ -172,6 +172,7 @@ def money(request: pytest.FixtureRequest, tmp_path: Path, infra: Any) -> Iterato
             jwt_secret=SecretStr("faults-secret-of-at-least-32-bytes!"),
             paysandbox_url=f"{url}/sandbox/pay",
             billing_url=url,
+            sandbox_mode=True,
         )
         city.migrate(settings)
         money = Money(settings, url)
