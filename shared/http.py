@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import structlog
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute, iter_route_contexts
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from shared import workqueue
 from shared.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, Problem
@@ -45,13 +49,198 @@ def problem_response(status: int, code: str, title: str, detail: str, **extra: A
     return JSONResponse(body, status_code=status, media_type=PROBLEM_CONTENT_TYPE)
 
 
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+# RFC 9457 with the stable `code` every CityPark problem carries; extra members are allowed.
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {
+        "type": {"type": "string", "format": "uri"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
+    },
+    "additionalProperties": True,
+}
+
+
+def _problem_content() -> dict[str, Any]:
+    return {PROBLEM_CONTENT_TYPE: {"schema": dict(PROBLEM_REF)}}
+
+
 def problem_responses(*problems: type[Problem]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` for the domain errors an endpoint can raise."""
     out: dict[int | str, dict[str, Any]] = {}
     for p in problems:
-        entry = out.setdefault(p.status, {"description": "", "content": {PROBLEM_CONTENT_TYPE: {}}})
+        entry = out.setdefault(p.status, {"description": "", "content": _problem_content()})
         entry["description"] = ", ".join(filter(None, [entry["description"], f"`{p.code}`"]))
     return out
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def answers(*problems: type[Problem]) -> Callable[[F], F]:
+    """Marks a dependency with the problems it can raise; every route that uses it documents
+    them (see `document_problems`), so a guard is described once, where it is written."""
+
+    def mark(func: F) -> F:
+        func.__problems__ = problems  # type: ignore[attr-defined]
+        return func
+
+    return mark
+
+
+# Statuses any route can answer, whatever it does: the shared handlers and middlewares below.
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before sending the same request again",
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+_GENERIC: dict[int, tuple[str, dict[str, Any]]] = {
+    404: ("`not_found`: nothing is routed here or the resource does not exist", {}),
+    405: (
+        "`method_not_allowed`: another method of this path; `Allow` lists them",
+        {"Allow": {"required": True, "schema": {"type": "string"}}},
+    ),
+    413: ("`body_too_large`: the request body is over the limit", {}),
+    422: ("`validation_failed`, `json_invalid`: the request does not match this schema", {}),
+    429: ("`city_busy`, `rate_limited`: come back after `Retry-After`", _RETRY_AFTER),
+    503: (
+        "`dependency_unavailable`, `database_unavailable`: come back after `Retry-After`",
+        _RETRY_AFTER,
+    ),
+}
+_AUTH: dict[int, str] = {
+    401: "`unauthorized`: the credentials are missing, invalid, expired or revoked",
+    403: "`forbidden`: the credentials are valid but not for this operation",
+}
+# Dependencies recognised as guards without a mark: the bearer tokens of shared.auth and the
+# callers of the connector, the sandbox, quotes and merchants.
+_GUARD_PREFIXES = ("authenticate", "verify_signature", "require_")
+_GUARD_SUFFIXES = ("_caller",)
+BEARER_SCHEME = "bearer"
+
+
+def _dependencies(dependant: Dependant) -> Iterator[Dependant]:
+    for sub in dependant.dependencies:
+        yield sub
+        yield from _dependencies(sub)
+
+
+def _guards(route: Any) -> tuple[bool, bool, list[type[Problem]]]:
+    """(guarded, by a bearer token, problems the route's dependencies declare)."""
+    guarded = bearer = False
+    problems: list[type[Problem]] = []
+    for dep in _dependencies(route.dependant):
+        call = dep.call
+        name = getattr(call, "__name__", "")
+        problems += getattr(call, "__problems__", ())
+        if name.startswith(_GUARD_PREFIXES) or name.endswith(_GUARD_SUFFIXES):
+            guarded = True
+            bearer = bearer or name in ("authenticate_driver", "authenticate_admin")
+    guarded = guarded or any(p.status in (401, 403) for p in problems)
+    return guarded, bearer, problems
+
+
+def _add(responses: dict[str, Any], status: int, description: str, headers: dict[str, Any]) -> None:
+    entry = responses.setdefault(str(status), {"description": description})
+    entry["content"] = _problem_content()
+    if headers:
+        entry.setdefault("headers", {}).update(headers)
+
+
+def document_problems(schema: dict[str, Any], routes: list[Any]) -> dict[str, Any]:
+    """Makes an OpenAPI document say every answer its operations can give.
+
+    Problems are `application/problem+json` with the Problem schema (FastAPI's default 422 is
+    plain JSON), and each operation gains the statuses the shared machinery answers: 401/403
+    where a guard runs, 404 where a path has parameters, 405 with `Allow`, 413/422 where a
+    request has a body or parameters, 429 and 503 everywhere."""
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    components["schemas"].pop("HTTPValidationError", None)
+    components["schemas"].pop("ValidationError", None)
+    by_operation: dict[tuple[str, str], Any] = {}
+    for route in iter_route_contexts(routes):  # FastAPI keeps included routers unflattened
+        if isinstance(route.original_route, APIRoute) and route.include_in_schema:
+            for method in route.methods or ():
+                by_operation[(str(route.path_format), method.lower())] = route
+    bearer_used = False
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses: dict[str, Any] = operation["responses"]
+            route = by_operation.get((path, method))
+            guarded, bearer, declared = _guards(route) if route else (False, False, [])
+            for problem_class in declared:
+                _add(responses, problem_class.status, f"`{problem_class.code}`", {})
+            if guarded:
+                for status, description in _AUTH.items():
+                    _add(responses, status, description, {})
+            if bearer:
+                bearer_used = True
+                operation.setdefault("security", [{BEARER_SCHEME: []}])
+            parameters = operation.get("parameters", [])
+            for status, (description, headers) in _GENERIC.items():
+                if status == 404 and not any(p.get("in") == "path" for p in parameters):
+                    continue
+                if status == 413 and "requestBody" not in operation:
+                    continue
+                if status == 422 and not (parameters or "requestBody" in operation):
+                    continue
+                _add(responses, status, description, headers)
+            for status, entry in responses.items():
+                if status[:1] in ("4", "5"):
+                    entry["content"] = _problem_content()
+            operation["responses"] = dict(sorted(responses.items()))
+    if bearer_used:
+        components.setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "A driver's token (`/v1/auth/token`) or a city ops token",
+        }
+    return schema
+
+
+def install_truthful_openapi(app: FastAPI) -> None:
+    """The app's `/openapi.json` passes through `document_problems` once."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if not getattr(app.state, "openapi_documented", False):
+            app.openapi_schema = document_problems(build(), app.routes)
+            app.state.openapi_documented = True
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of this path answers (one path may have several routes)."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.router.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:  # PARTIAL: the path matches, the method does not
+            methods |= set(route.methods or ())
+    return sorted(methods)
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -86,7 +275,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "http_error")
-        return problem_response(exc.status_code, code, str(exc.detail), str(exc.detail))
+        response = problem_response(exc.status_code, code, str(exc.detail), str(exc.detail))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            # RFC 9110: a 405 lists what the resource does support, over all its routes.
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        return response
 
     @app.exception_handler(OperationalError)
     async def _database_away(request: Request, exc: OperationalError) -> JSONResponse:
@@ -149,6 +343,7 @@ def install_request_ids(app: FastAPI) -> None:
 def make_app(title: str, description: str, *, version: str = "0.1.0") -> FastAPI:
     app = FastAPI(title=title, description=description, version=version)
     install_problem_handlers(app)
+    install_truthful_openapi(app)
     install_request_ids(app)
 
     @app.get("/healthz", include_in_schema=False)
