@@ -151,6 +151,15 @@ class View:
     def sees_accounts(self) -> bool:
         return self.unmasked or self.admin.role in (Role.admin, Role.finance)
 
+    def require_lookup(self, what: str) -> None:
+        """Searching by a full plate or phone is itself a look-up of one person (where their car
+        parks, what they owe), even when the answer is masked: admins only, with a reason."""
+        if self.unmasked:
+            return
+        if self.admin.role is not Role.admin:
+            raise UnmaskedForbidden(f"Only an admin may search by {what}")
+        raise ReasonRequired(f"Searching by {what} needs `unmasked=true` and a `reason`")
+
     def plate(self, plate: str) -> str:
         return plate if self.unmasked else mask_plate(plate)
 

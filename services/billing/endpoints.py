@@ -156,7 +156,10 @@ def search_arrears(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[DriverArrears]:
     """Drivers who owe money, biggest first; search by phone, driver, amount or age. Phones
-    are masked unless an admin asks `unmasked=true` with a `reason` (audited)."""
+    are masked unless an admin asks `unmasked=true` with a `reason` (audited); searching by
+    phone is such a look-up."""
+    if phone:
+        view.require_lookup("phone")
     return [
         DriverArrears.model_validate(row | {"phone": view.phone(row["phone"])})
         for row in charges.search_arrears(

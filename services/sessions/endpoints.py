@@ -108,7 +108,9 @@ def search_sessions(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[AdminSessionOut]:
     """Parkings, newest first, by plate, car park or status. Plates are masked unless an admin
-    asks `unmasked=true` with a `reason` (audited)."""
+    asks `unmasked=true` with a `reason` (audited); searching by plate is such a look-up."""
+    if plate:
+        view.require_lookup("plate")
     rows = service.SessionRepository.from_session(db).search(
         plate=normalize_plate(plate) if plate else None, lot_id=lot_id, status=status, limit=limit
     )

@@ -118,7 +118,9 @@ def test_redis_losing_its_data_under_the_running_city(city: City) -> None:
     open_key = gate_state.open_key(city.lot_id, PLATE, "blue")
     wait_for(
         lambda: city.client.get(
-            "/v1/admin/sessions", params={"plate": PLATE, "status": "open"}, headers=city.admin
+            "/v1/admin/sessions",
+            params={"plate": PLATE, "status": "open", "unmasked": "true", "reason": "rebuild test"},
+            headers=city.admin,
         ).json()
     )
     replay = httpx.Request("POST", before.url, content=before.content, headers=before.headers)

@@ -193,9 +193,16 @@ def test_viewer_and_finance_read_plates_and_phones_masked(
     plate, phone = parked["plate"], parked["phone"]
     for role in Role:  # admin too: the full plate is a look-up with a reason
         headers = staff[role][0]
-        found = _sessions(client, headers, plate)
+        # Searching by a full plate is itself a look-up of one car's whereabouts.
+        by_plate = _sessions(client, headers, plate)
+        expected = (422, "reason_required") if role is Role.admin else (403, "unmasked_forbidden")
+        assert (by_plate.status_code, by_plate.json()["code"]) == expected, by_plate.text
+        found = client.get("/v1/admin/sessions", params={"limit": 500}, headers=headers)
         assert found.status_code == 200, found.text
-        assert [s["plate"] for s in found.json()] == [mask_plate(plate)]
+        assert [s["plate"] for s in found.json() if s["id"] == parked["session_id"]] == [
+            mask_plate(plate)
+        ]
+        assert plate not in found.text
         assert mask_plate(plate) != plate
         assert mask_plate(plate).startswith(plate[:2])
 
@@ -555,7 +562,8 @@ def test_embedded_city_masks_for_viewers_and_audits_each_look_up_once(
                 entered_at=datetime.now(UTC),
             )
         )
-    masked = _sessions(embedded, viewer, plate).json()
+    assert _sessions(embedded, viewer, plate).json()["code"] == "unmasked_forbidden"
+    masked = embedded.get("/v1/admin/sessions", headers=viewer).json()
     assert [s["plate"] for s in masked] == [mask_plate(plate)]
     refused = _sessions(embedded, viewer, plate, unmasked="true", reason=REASON)
     assert refused.status_code == 403
