@@ -32,6 +32,7 @@ class Purpose(StrEnum):
     webhook_secrets = "webhook secrets"
     idempotency = "idempotency answers"
     paysandbox = "paysandbox bearer"
+    vehicleregistry = "vehicle registry bearer"
     paysandbox_notify = "paysandbox notifications"
     forwarded_for = "gateway forwarded-for proof"
     signin_tags = "sign-in tags"

@@ -45,7 +45,10 @@ def _plug_providers(rt: Runtime) -> None:
         ),
     )
     if rt.vehicle_registry is None:
-        rt.vehicle_registry = HttpVehicleRegistry(s.vehicle_registry_url)
+        rt.vehicle_registry = HttpVehicleRegistry(
+            s.vehicle_registry_url,
+            token=derive_hex(s.jwt_secret.get_secret_value(), Purpose.vehicleregistry),
+        )
 
 
 part = Part(

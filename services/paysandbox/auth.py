@@ -7,12 +7,9 @@ runs outside sandbox mode, an open sandbox would let anyone capture charges or d
 
 from __future__ import annotations
 
-import hmac
-
-from fastapi import Request
-
+from shared import sandboxes
 from shared.errors import problem
-from shared.keys import Purpose, derive_hex
+from shared.keys import Purpose
 from shared.settings import Settings
 
 SandboxTokenInvalid = problem(
@@ -22,19 +19,7 @@ SandboxTokenInvalid = problem(
 
 def sandbox_token(settings: Settings) -> str:
     """The bearer token billing presents to the sandbox."""
-    return derive_hex(settings.jwt_secret.get_secret_value(), Purpose.paysandbox)
+    return sandboxes.bearer(settings, Purpose.paysandbox)
 
 
-def _accepted(settings: Settings) -> list[str]:
-    masters = [settings.jwt_secret, *settings.jwt_secret_previous]
-    return [derive_hex(m.get_secret_value(), Purpose.paysandbox) for m in masters]
-
-
-def require_caller(request: Request) -> None:
-    settings: Settings = request.app.state.settings
-    if settings.sandbox_mode:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    presented = token.strip() if scheme.lower() == "bearer" else ""
-    if not presented or not any(hmac.compare_digest(presented, t) for t in _accepted(settings)):
-        raise SandboxTokenInvalid()
+require_caller = sandboxes.require_caller(Purpose.paysandbox, SandboxTokenInvalid)

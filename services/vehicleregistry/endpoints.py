@@ -12,10 +12,11 @@ import re
 import unicodedata
 from datetime import datetime
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from services.vehicleregistry import auth
 from services.vehicleregistry.models import RegisteredVehicle
 from shared.deps import DbSession, ReadDbSession
 from shared.errors import PlateColorInvalid, PlateInvalid, problem
@@ -23,7 +24,12 @@ from shared.http import problem_responses
 from shared.plates import normalize_plate, parse_plate_color
 from shared.timeutil import utcnow
 
-router = APIRouter(prefix="/v1", tags=["vehicle registry sandbox"])
+router = APIRouter(
+    prefix="/v1",
+    tags=["vehicle registry sandbox"],
+    dependencies=[Depends(auth.require_caller)],
+    responses=problem_responses(auth.RegistryTokenInvalid),
+)
 
 VinInvalid = problem(422, "vin_invalid", "A VIN is 17 letters and digits")
 OwnerNameInvalid = problem(422, "owner_name_invalid", "The owner name is empty")

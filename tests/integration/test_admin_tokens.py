@@ -437,3 +437,41 @@ def test_the_sandbox_refuses_callers_without_billings_token_outside_sandbox_mode
             assert agreement is not None
             assert agreement.active
             assert sandbox.get("/healthz").status_code == 200  # probes need no token
+
+
+def test_the_vehicle_registry_refuses_callers_without_billings_token_outside_sandbox_mode(
+    tmp_path: Path,
+) -> None:
+    from services.billing.vehicle.registry import HttpVehicleRegistry
+    from shared import sandboxes
+    from shared.keys import Purpose
+
+    car = {
+        "plate": "苏E7R2K9",
+        "plate_color": "blue",
+        "owner_name": "张三",
+        "vin": "LSVAB2BR7EN123456",
+    }
+    s = Settings(database_url=f"sqlite:///{tmp_path}/registry.db", jwt_secret=SecretStr(SECRET))
+    assert not s.sandbox_mode
+    city.migrate(s, [city.PARTS["vehicleregistry"]])
+    app = make_app("registry", "")
+    attach(app, Runtime(s, source="vehicleregistry"))
+    for router in city.PARTS["vehicleregistry"].routers:
+        app.include_router(router)
+    with TestClient(app) as registry:
+        # Without the token nobody may put a car on the register under their own name.
+        assert outcome(registry.post("/v1/vehicles", json=car)) == (401, "registry_token_invalid")
+        wrong = {"authorization": f"Bearer {sandboxes.bearer(s, Purpose.paysandbox)}"}
+        assert registry.post("/v1/vehicles", json=car, headers=wrong).status_code == 401
+        billing = {"authorization": f"Bearer {sandboxes.bearer(s, Purpose.vehicleregistry)}"}
+        assert registry.post("/v1/vehicles", json=car, headers=billing).status_code == 201
+        # Billing's client presents the token by itself.
+        client = HttpVehicleRegistry(
+            "http://testserver",
+            transport=registry._transport,
+            token=sandboxes.bearer(s, Purpose.vehicleregistry),
+        )
+        assert client.matches(
+            plate="苏E7R2K9", plate_color="blue", owner_name="张三", vin_last6="123456"
+        )

@@ -25,10 +25,17 @@ class VehicleRegistry(Protocol):
 
 class HttpVehicleRegistry:
     def __init__(
-        self, base_url: str, *, timeout: float = 3.0, transport: httpx.BaseTransport | None = None
+        self,
+        base_url: str,
+        *,
+        timeout: float = 3.0,
+        transport: httpx.BaseTransport | None = None,
+        token: str | None = None,
     ) -> None:
+        # The sandbox registry wants billing's bearer token outside sandbox mode.
+        headers = {"authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(
-            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport
+            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport, headers=headers
         )
 
     def matches(self, *, plate: str, plate_color: str, owner_name: str, vin_last6: str) -> bool:
