@@ -11,6 +11,7 @@ answer never tells whether it does.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -68,8 +69,21 @@ def _verify_lot(rt: Runtime, method: str, url: str, headers: dict[str, str], bod
     return found[verified.key_id]
 
 
+def _names_plate(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False  # not JSON: validation answers it
+    return isinstance(data, dict) and data.get("plate") is not None
+
+
 async def quote_caller(request: Request) -> QuoteCaller:
-    """The driver or car park behind a quote request; anonymous when neither is claimed."""
+    """The driver or car park behind a quote request; anonymous when neither is claimed.
+
+    Credentials are judged only when the quote names a plate: without one the quote is open
+    to anyone, whatever token a caller happens to send along."""
+    if not _names_plate(await request.body()):
+        return QuoteCaller()
     if "signature-input" in request.headers:
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
         query = request.scope.get("query_string", b"")
