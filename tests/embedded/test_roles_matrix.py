@@ -224,3 +224,40 @@ def test_a_made_up_caller_is_refused_everywhere_it_claims_to_be_staff(city: City
         if template.startswith("/v1/admin/"):
             answer = city.client.request(method, _path_for(template, ADMIN, city), headers=forged)
             assert answer.status_code == 401, f"{method} {template}: {answer.status_code}"
+
+
+INTERNAL = [
+    ("GET", "/internal/admin-tokens/revoked"),
+    ("GET", "/internal/lots/keys/rm-1"),
+    ("POST", "/internal/lots/prices"),
+    ("GET", "/internal/lots/stats"),
+    ("GET", "/internal/districts/figures"),
+    ("GET", "/internal/billing/gate/accounts"),
+    ("GET", f"/internal/billing/drivers/{PLACEHOLDER}/verified-windows"),
+    ("GET", "/internal/billing/stats"),
+    ("GET", "/internal/billing/parked"),
+    ("GET", "/internal/sessions/gate/open"),
+    ("GET", "/internal/sessions/stats"),
+]
+
+
+def test_internal_routes_refuse_every_outside_caller_even_with_the_internal_token(
+    city: City,
+) -> None:
+    from shared.auth import internal_token
+
+    rt = city.client.app.state.runtime  # type: ignore[attr-defined]
+    leaked = {"x-citypark-internal": internal_token(rt.secret)}
+    for method, path in INTERNAL:
+        for caller in CALLERS:
+            for extra in ({}, {"x-citypark-internal": uuid.uuid4().hex}, leaked):
+                answer = city.client.request(
+                    method,
+                    path,
+                    json=None if method == "GET" else {},
+                    headers={**city.headers.get(caller, {}), **extra},
+                    auth=city.auth.get(caller),
+                )
+                assert answer.status_code in (401, 403, 404), (
+                    f"{method} {path} as {caller} with {sorted(extra)}: {answer.status_code}"
+                )
