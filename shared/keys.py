@@ -36,6 +36,8 @@ class Purpose(StrEnum):
     paysandbox_notify = "paysandbox notifications"
     forwarded_for = "gateway forwarded-for proof"
     signin_tags = "sign-in tags"
+    data_encryption = "personal data encryption"
+    blind_index = "personal data blind index"
 
 
 @lru_cache(maxsize=128)

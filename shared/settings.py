@@ -72,6 +72,16 @@ class Settings(BaseSettings):
 
     # Where each service is reached for synchronous internal calls.
     gateway_url: str = "http://127.0.0.1:8000"
+
+    # Personal data at rest and in transit (phones, plates): AES-GCM under the key named by
+    # `data_key_id`, from `data_keys` (a JSON object key id → secret of 32+ random bytes; older
+    # ids stay to read what they wrote until `citypark keys rotate-data` re-encrypts it). Empty:
+    # one key derived from the master secret (id `derived`), for development.
+    data_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    data_key_id: str | None = None
+    # Keys HMAC look-up indexes and pseudonyms of plates and phones; changing it means
+    # re-indexing (`citypark keys rotate-data --reindex`). Unset: derived from the master secret.
+    data_index_key: SecretStr | None = None
     lots_url: str = "http://127.0.0.1:8000"
     sessions_url: str = "http://127.0.0.1:8000"
     billing_url: str = "http://127.0.0.1:8000"
