@@ -56,6 +56,7 @@ def migrate(settings: Settings, parts: Iterable[Part] = PARTS.values()) -> None:
                 part.migrations.script_location,
                 settings.database_url,
                 part.migrations.version_table,
+                settings,
             )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
@@ -10,16 +11,23 @@ from sqlalchemy import MetaData, pool
 from sqlalchemy.engine import create_engine
 
 
-def alembic_config(script_location: Path, database_url: str, version_table: str) -> Config:
+def alembic_config(
+    script_location: Path, database_url: str, version_table: str, settings: Any = None
+) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(script_location))
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     cfg.attributes["version_table"] = version_table
+    # Migrations that encrypt personal data use these keys (shared/pii_columns.py).
+    cfg.attributes["settings"] = settings
     return cfg
 
 
-def upgrade(script_location: Path, database_url: str, version_table: str) -> None:
-    command.upgrade(alembic_config(script_location, database_url, version_table), "head")
+def upgrade(
+    script_location: Path, database_url: str, version_table: str, settings: Any = None
+) -> None:
+    cfg = alembic_config(script_location, database_url, version_table, settings)
+    command.upgrade(cfg, "head")
 
 
 def run_env(metadata: MetaData, default_version_table: str) -> None:

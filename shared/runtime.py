@@ -37,7 +37,10 @@ class Runtime:
 
     @cached_property
     def engine(self) -> Engine:
-        return make_engine(self.settings.database_url)
+        from shared.pii_columns import bind_data_keys
+
+        # Encrypted columns (phones, plates) use this process's data keys.
+        return bind_data_keys(make_engine(self.settings.database_url), self.settings)
 
     @cached_property
     def sessionmaker(self) -> sessionmaker[Session]:

@@ -23,6 +23,7 @@ from shared.events import (
     new_event,
     session_id_for,
 )
+from shared.pii_columns import index_in
 from shared.topics import SESSIONS_CLOSED
 
 log = structlog.get_logger(__name__)
@@ -46,7 +47,7 @@ class Window:
         )
 
 
-def _in_windows(windows: Sequence[Window]) -> ColumnElement[bool]:
+def _in_windows(windows: Sequence[Window], db: Session) -> ColumnElement[bool]:
     """Parkings that entered while the driver held the vehicle verified: never one from
     before the proof (a claim reveals no past whereabouts) nor after a takeover."""
     if not windows:
@@ -54,7 +55,7 @@ def _in_windows(windows: Sequence[Window]) -> ColumnElement[bool]:
     return or_(
         *(
             and_(
-                ParkingSession.plate == w.plate,
+                ParkingSession.plate_bidx == index_in(db, "plate", w.plate),
                 ParkingSession.plate_color == w.plate_color,
                 ParkingSession.entered_at >= w.since,
                 *([ParkingSession.entered_at < w.until] if w.until is not None else []),
@@ -77,7 +78,7 @@ class SessionRepository:
             select(ParkingSession)
             .where(
                 ParkingSession.lot_id == lot_id,
-                ParkingSession.plate == plate,
+                ParkingSession.plate_bidx == index_in(self.db, "plate", plate),
                 ParkingSession.plate_color == color,
                 ParkingSession.status == SessionStatus.open,
             )
@@ -102,7 +103,7 @@ class SessionRepository:
             select(UnmatchedExit)
             .where(
                 UnmatchedExit.lot_id == lot_id,
-                UnmatchedExit.plate == plate,
+                UnmatchedExit.plate_bidx == index_in(self.db, "plate", plate),
                 UnmatchedExit.plate_color == color,
                 UnmatchedExit.occurred_at >= after,
             )
@@ -121,7 +122,7 @@ class SessionRepository:
         if not windows:
             return []
         q = select(ParkingSession).where(
-            ParkingSession.driver_id == driver_id, _in_windows(windows)
+            ParkingSession.driver_id == driver_id, _in_windows(windows, self.db)
         )
         if status is not None:
             q = q.where(ParkingSession.status == status)
@@ -135,7 +136,7 @@ class SessionRepository:
     ) -> Sequence[ParkingSession]:
         q = select(ParkingSession)
         if plate:
-            q = q.where(ParkingSession.plate == plate)
+            q = q.where(ParkingSession.plate_bidx == index_in(self.db, "plate", plate))
         if lot_id:
             q = q.where(ParkingSession.lot_id == lot_id)
         if status:
