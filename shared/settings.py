@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.keys import secret_problem
@@ -21,7 +29,38 @@ class CacheKind(StrEnum):
     memory = "memory"
 
 
-class Settings(BaseSettings):
+class KafkaSecurityProtocol(StrEnum):
+    plaintext = "PLAINTEXT"  # loopback development and tests only
+    sasl_plaintext = "SASL_PLAINTEXT"
+    sasl_ssl = "SASL_SSL"
+
+
+class KafkaAuth(BaseSettings):
+    """How the city's Kafka clients authenticate. A class of its own so the topics Job, which
+    holds no master secret, reads the same variables (deploy/local/create_topics.py)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CITYPARK_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
+
+    kafka_security_protocol: KafkaSecurityProtocol = KafkaSecurityProtocol.plaintext
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> KafkaAuth:
+        # Refuse at start-up instead of failing every connection later with an opaque error.
+        sasl = self.kafka_security_protocol is not KafkaSecurityProtocol.plaintext
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"CITYPARK_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol.value} needs "
+                "CITYPARK_KAFKA_SASL_USERNAME and CITYPARK_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+
+class Settings(KafkaAuth):  # the Kafka client's credentials come from KafkaAuth
     # Errors never echo the values: a refused secret must not end up in a log.
     model_config = SettingsConfigDict(
         env_prefix="CITYPARK_", env_file=".env", extra="ignore", hide_input_in_errors=True

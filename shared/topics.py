@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.settings import KafkaAuth
 
 PARKING_EVENTS = "citypark.parking-events"  # key: lot id
 SESSIONS_CLOSED = "citypark.sessions-closed"  # key: account (driver) id
@@ -46,14 +50,23 @@ def all_topics(districts: tuple[str, ...] | None = None) -> list[str]:
     ]
 
 
-def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 3) -> list[str]:
+def ensure_topics(
+    bootstrap: str, topics: list[str], partitions: int = 3, auth: KafkaAuth | None = None
+) -> list[str]:
     """Create the topics that do not exist yet (the broker does not auto-create them); returns
-    those created. Idempotent, so a district's topic can be ensured by whoever needs it first."""
+    those created. Idempotent, so a district's topic can be ensured by whoever needs it first.
+    `auth`: the caller's settings, for a broker that wants SASL credentials."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="citypark-topics")
+    from shared.bus.kafka import client_config
+
+    admin = KafkaAdminClient(
+        **(client_config(auth) if auth is not None else {}),
+        bootstrap_servers=bootstrap.split(","),
+        client_id="citypark-topics",
+    )
     try:
         missing = [t for t in topics if t not in set(admin.list_topics())]
         created: list[str] = []

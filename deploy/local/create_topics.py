@@ -5,7 +5,8 @@
 
 Topics come from `shared.topics.all_topics()`; partitions from CITYPARK_KAFKA_PARTITIONS (3),
 replication factor 1 (one local broker; the k8s Job passes its own). Existing topics are left
-as they are. Used by deploy/local/infra.sh and by the topics Job in deploy/k8s.
+as they are. Used by deploy/local/infra.sh and by the topics Job in deploy/k8s; a broker that
+wants SASL takes the services' own CITYPARK_KAFKA_SECURITY_PROTOCOL / CITYPARK_KAFKA_SASL_*.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ def _default_bootstrap() -> str:
 def _admin(bootstrap: str, timeout_ms: int):
     from kafka import KafkaAdminClient
 
+    from shared.bus.kafka import client_config
+    from shared.settings import KafkaAuth
+
+    # CITYPARK_KAFKA_SECURITY_PROTOCOL and the SASL credentials, as every service reads them
     return KafkaAdminClient(
+        **client_config(KafkaAuth()),
         bootstrap_servers=bootstrap,
         client_id="citypark-topics",
         request_timeout_ms=timeout_ms,

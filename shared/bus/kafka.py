@@ -12,8 +12,24 @@ from kafka.structs import OffsetAndMetadata
 
 from shared.bus.port import Message, decode
 from shared.events import CloudEvent
+from shared.settings import KafkaAuth, KafkaSecurityProtocol
 
 SEND_TIMEOUT_S = 15.0
+
+
+def client_config(auth: KafkaAuth) -> dict[str, Any]:
+    """The security options every Kafka client of the city passes (producer, consumer, admin):
+    nothing on loopback PLAINTEXT, SASL (SCRAM-SHA-512 by default) with the service's own
+    credentials in production."""
+    if auth.kafka_security_protocol is KafkaSecurityProtocol.plaintext:
+        return {}
+    password = auth.kafka_sasl_password
+    return {
+        "security_protocol": auth.kafka_security_protocol.value,
+        "sasl_mechanism": auth.kafka_sasl_mechanism,
+        "sasl_plain_username": auth.kafka_sasl_username,
+        "sasl_plain_password": password.get_secret_value() if password else None,
+    }
 
 
 class _KeySerializer(Serializer):
@@ -29,8 +45,11 @@ class _EventSerializer(Serializer):
 
 
 class KafkaBus:
-    def __init__(self, bootstrap: str, client_id: str = "citypark") -> None:
+    def __init__(
+        self, bootstrap: str, client_id: str = "citypark", config: dict[str, Any] | None = None
+    ) -> None:
         self.producer = KafkaProducer(
+            **(config or {}),
             bootstrap_servers=bootstrap.split(","),
             client_id=client_id,
             acks="all",
@@ -57,9 +76,16 @@ class KafkaBus:
 
 
 class KafkaSubscription:
-    def __init__(self, bootstrap: str, group: str, topics: Sequence[str]) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        group: str,
+        topics: Sequence[str],
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.consumer = KafkaConsumer(
             *topics,
+            **(config or {}),
             bootstrap_servers=bootstrap.split(","),
             group_id=group,
             client_id=group,

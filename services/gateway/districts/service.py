@@ -101,7 +101,7 @@ def _ensure_topic(rt: Runtime, district: str) -> None:
         return
     with _ensure_lock:
         if district not in _ensured:
-            ensure_topics(rt.settings.kafka_bootstrap, [lot_events(district)])
+            ensure_topics(rt.settings.kafka_bootstrap, [lot_events(district)], auth=rt.settings)
             _ensured.add(district)
 
 

@@ -25,7 +25,7 @@ def configure(settings: Settings) -> None:
 
 def ensure_topic(settings: Settings, district: str) -> None:
     if settings.bus is BusKind.kafka:
-        created = ensure_topics(settings.kafka_bootstrap, [lot_events(district)])
+        created = ensure_topics(settings.kafka_bootstrap, [lot_events(district)], auth=settings)
         if created:
             log.info("district.topic_created", district=district, topic=created[0])
 
