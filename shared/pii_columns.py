@@ -27,6 +27,7 @@ from sqlalchemy import (
     event,
     inspect,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.orm import Session
@@ -137,12 +138,16 @@ class PiiColumn:
 @dataclass(frozen=True)
 class PiiTable:
     name: str
-    key: str  # a unique column to walk the table in batches
+    key: str | tuple[str, ...]  # the primary key (or another unique key) to walk the table by
     columns: tuple[PiiColumn, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key,) if isinstance(self.key, str) else self.key
 
 
 def _raw(t: PiiTable, *, with_index: bool = True) -> Any:
-    cols = [column(t.key, String())]
+    cols = [column(k, String()) for k in t.keys]
     for c in t.columns:
         cols.append(column(c.name, String()))
         if c.kind and with_index:
@@ -171,12 +176,12 @@ def convert_table(
     conversion holds no lock for long and a stopped one resumes where it left. Returns the
     rows changed (or that would change, `dry_run`)."""
     raw = _raw(t)
-    key = raw.c[t.key]
-    after: str | None = None
+    key = tuple_(*(raw.c[k] for k in t.keys))
+    after: tuple[Any, ...] | None = None
     changed = 0
     while True:
         with conn_factory() as conn:
-            q = select(*raw.c).order_by(key).limit(batch_size)
+            q = select(*raw.c).order_by(*key.clauses).limit(batch_size)
             if after is not None:
                 q = q.where(key > after)
             rows = conn.execute(q).mappings().all()
@@ -197,8 +202,9 @@ def convert_table(
                 if patch:
                     changed += 1
                     if not dry_run:
-                        conn.execute(update(raw).where(key == row[t.key]).values(**patch))
-            after = rows[-1][t.key]
+                        here = tuple(row[k] for k in t.keys)
+                        conn.execute(update(raw).where(key == here).values(**patch))
+            after = tuple(rows[-1][k] for k in t.keys)
         if progress is not None:
             progress(len(rows))
 

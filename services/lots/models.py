@@ -9,6 +9,7 @@ from sqlalchemy import BigInteger, Date, ForeignKey, Index, Integer, String, Uni
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import JSONDoc, make_base, new_id
+from shared.pii_columns import INDEX_LENGTH, Encrypted, keep_blind_index
 from shared.timeutil import utcnow
 
 Base = make_base("lots")
@@ -146,11 +147,13 @@ class Pass(Base):
     """
 
     __tablename__ = "lots_pass"
-    __table_args__ = (Index("ix_lots_pass_vehicle", "plate", "plate_color"),)
+    __table_args__ = (Index("ix_lots_pass_vehicle", "plate_bidx", "plate_color"),)
 
     lot_id: Mapped[str] = mapped_column(ForeignKey("lots_lot.id"), primary_key=True)
     pass_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    plate: Mapped[str] = mapped_column(String(32))
+    # A pass names a vehicle: its plate is encrypted at rest and found by its blind index.
+    plate: Mapped[str] = mapped_column(Encrypted())
+    plate_bidx: Mapped[str] = mapped_column(String(INDEX_LENGTH))
     plate_color: Mapped[str] = mapped_column(String(16))
     kind: Mapped[str] = mapped_column(String(16))
     valid_from: Mapped[datetime]
@@ -162,3 +165,6 @@ class Pass(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+keep_blind_index(Pass, "plate", "plate")

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from services.lots.models import Lot, Pass
 from services.lots.service import get_lot, tariff_at
 from shared.errors import PlateColorInvalid, PlateInvalid, problem
+from shared.pii_columns import index_in
 from shared.plates import normalize_plate, parse_plate_color
 from shared.timeutil import utcnow
 
@@ -227,7 +228,7 @@ def vehicle_passes(
         db.scalars(
             select(Pass).where(
                 Pass.lot_id == lot_id,
-                Pass.plate == plate,
+                Pass.plate_bidx == index_in(db, "plate", plate),
                 Pass.plate_color == color,
                 Pass.valid_from <= end,
                 Pass.valid_to > start,
@@ -342,8 +343,12 @@ class PassBook:
             return
         rows = db.scalars(
             select(Pass).where(
-                tuple_(Pass.lot_id, Pass.plate, Pass.plate_color).in_(
-                    {(lot_id, plate, color) for lot_id, plate, color, _, _ in wanted}
+                # Plates are encrypted: the vehicles are found by their blind index.
+                tuple_(Pass.lot_id, Pass.plate_bidx, Pass.plate_color).in_(
+                    {
+                        (lot_id, index_in(db, "plate", plate), color)
+                        for lot_id, plate, color, _, _ in wanted
+                    }
                 ),
                 Pass.valid_from <= max(end for *_, end in wanted).astimezone(UTC),
                 Pass.valid_to > min(start for *_, start, _ in wanted).astimezone(UTC),
@@ -381,7 +386,13 @@ def passes_of_vehicles(db: Session, vehicles: Sequence[VehicleIn]) -> list[Drive
         select(Pass, Lot)
         .join(Lot, Lot.id == Pass.lot_id)
         .where(
-            or_(*[tuple_(Pass.plate, Pass.plate_color) == key for key in keys]),
+            or_(
+                *[
+                    tuple_(Pass.plate_bidx, Pass.plate_color)
+                    == (index_in(db, "plate", plate), color)
+                    for plate, color in keys
+                ]
+            ),
             Pass.valid_to > now - timedelta(days=90),
             Pass.deleted_at.is_(None),
         )
