@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from shared import pii
+from shared.settings import Settings
 from shared.timeutil import utcnow
 
 
@@ -101,7 +104,54 @@ class PostpayStatus(StrEnum):
     no_account = "no_account"
 
 
-class LotEvent(BaseModel):
+class PlateUnsealed(ValueError):
+    """A payload holding a plate was about to be serialised without its sealed form."""
+
+
+class SealedPlate(BaseModel):
+    """A payload naming a vehicle. On the wire it carries the plate encrypted (`plate_enc`,
+    shared.pii) and the vehicle's pseudonym (`plate_ref`) for joining and keys, never the plate
+    itself: Kafka topics are read by every service and kept for days, and where a car parks is
+    sensitive personal information (PIPL art. 28). In memory `plate` holds the plaintext for the
+    code that needs it; it is excluded from every dump.
+
+    Producers build with `plate=` and call `.sealed(settings)`; consumers call
+    `Model.opened(settings, data)`. Events written before sealing carry `plate` in clear and are
+    still read (a running city upgrades without losing what is in its topics)."""
+
+    plate: str = Field(default="", exclude=True)
+    plate_color: str
+    plate_enc: str | None = None
+    plate_ref: str | None = None
+
+    def sealed(self, settings: Settings) -> Self:
+        """This payload with the plate in its sealed form (and in memory, when it came sealed)."""
+        plate = self.plate or (pii.decrypt(settings, self.plate_enc) if self.plate_enc else "")
+        if not plate:
+            return self
+        return self.model_copy(
+            update={
+                "plate": plate,
+                "plate_enc": self.plate_enc or pii.encrypt(settings, plate),
+                "plate_ref": self.plate_ref or pii.plate_ref(settings, plate, self.plate_color),
+            }
+        )
+
+    @classmethod
+    def opened(cls, settings: Settings, data: Mapping[str, Any]) -> Self:
+        """Parse a payload from the wire, its plate decrypted (or taken as sent by an old
+        producer) and sealed again, so it can be passed on as it is."""
+        return cls.model_validate(data).sealed(settings)
+
+    @model_serializer(mode="wrap")
+    def _never_in_clear(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        if self.plate and not self.plate_enc:
+            raise PlateUnsealed(f"{type(self).__name__} must be sealed before it is serialised")
+        out: dict[str, Any] = handler(self)
+        return out
+
+
+class LotEvent(SealedPlate):
     """What the gateway accepted from a lot connector, on `citypark.lot-events.<district>`."""
 
     event_id: str
@@ -110,8 +160,6 @@ class LotEvent(BaseModel):
     lot_code: str
     district: str
     operator_id: str
-    plate: str
-    plate_color: str
     vehicle_type: str = "small"
     occurred_at: datetime
     received_at: datetime
@@ -131,14 +179,12 @@ class ParkingEvent(LotEvent):
     dialect: str = "canonical"
 
 
-class SessionClosed(BaseModel):
+class SessionClosed(SealedPlate):
     session_id: str
     lot_id: str
     lot_code: str
     district: str
     operator_id: str
-    plate: str
-    plate_color: str
     vehicle_type: str
     entered_at: datetime
     exited_at: datetime
@@ -147,9 +193,7 @@ class SessionClosed(BaseModel):
     driver_id: str | None = None
 
 
-class VehicleRef(BaseModel):
-    plate: str
-    plate_color: str
+class VehicleRef(SealedPlate):
     # Proven against the vehicle registry; events from before the proof existed lack the
     # flag, and an unproven claim must never open post-pay, so absent means unverified.
     verified: bool = False
@@ -162,6 +206,13 @@ class AccountUpdated(BaseModel):
     version: int
     postpay: PostpayStatus
     vehicles: list[VehicleRef] = Field(default_factory=list)
+
+    def sealed(self, settings: Settings) -> Self:
+        return self.model_copy(update={"vehicles": [v.sealed(settings) for v in self.vehicles]})
+
+    @classmethod
+    def opened(cls, settings: Settings, data: Mapping[str, Any]) -> Self:
+        return cls.model_validate(data).sealed(settings)
 
 
 class ChargeEvent(BaseModel):

@@ -38,7 +38,7 @@ def closed_sessions_handler(rt: Runtime) -> BatchHandler:
     one message (one price call, one transaction) at a time."""
 
     def one(message: Message) -> None:
-        closed = SessionClosed.model_validate(message.event.data)
+        closed = SessionClosed.opened(rt.settings, message.event.data)
         lots = rt.internal("lots")
         # Priced before the transaction: no write lock is held while lots answers.
         price = charges.prices_for(lots, [closed]).get(closed.session_id)
@@ -47,7 +47,7 @@ def closed_sessions_handler(rt: Runtime) -> BatchHandler:
                 charges.open_charge(db, lots, closed, price)
 
     def many(messages: list[Message]) -> None:
-        closed = [SessionClosed.model_validate(m.event.data) for m in messages]
+        closed = [SessionClosed.opened(rt.settings, m.event.data) for m in messages]
         # Asked before the transaction: lots is read, never written, so a retried poll
         # only asks again.
         lots = rt.internal("lots")  # looked up late: the embedded city wires it after start

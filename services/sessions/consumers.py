@@ -19,11 +19,11 @@ from shared.topics import PARKING_EVENTS
 GROUP = "citypark-sessions"
 
 
-def _handle(db: Session, message: Message) -> None:
-    handle_parking_event(db, message.event.type, ParkingEvent.model_validate(message.event.data))
-
-
 def workers(rt: Runtime) -> list[Worker]:
+    def _handle(db: Session, message: Message) -> None:
+        event = ParkingEvent.opened(rt.settings, message.event.data)
+        handle_parking_event(db, message.event.type, event, rt.settings)
+
     def consume(stop: threading.Event) -> None:
         sub = make_subscription(rt.settings, rt.sessionmaker, GROUP, [PARKING_EVENTS])
         ConsumerLoop(

@@ -24,6 +24,7 @@ from shared.events import (
     session_id_for,
 )
 from shared.pii_columns import index_in
+from shared.settings import Settings
 from shared.topics import SESSIONS_CLOSED
 
 log = structlog.get_logger(__name__)
@@ -144,17 +145,20 @@ class SessionRepository:
         return self.db.scalars(q.order_by(ParkingSession.entered_at.desc()).limit(limit)).all()
 
 
-def handle_parking_event(db: Session, event_type: str, data: ParkingEvent) -> None:
+def handle_parking_event(
+    db: Session, event_type: str, data: ParkingEvent, settings: Settings
+) -> None:
+    """`settings` hold the data keys: the closing event carries the plate sealed."""
     repo = SessionRepository.from_session(db)
     if event_type == EventType.parking_entry:
-        _on_entry(db, repo, data)
+        _on_entry(db, repo, data, settings)
     elif event_type == EventType.parking_exit:
-        _on_exit(db, repo, data)
+        _on_exit(db, repo, data, settings)
     else:
         raise ValueError(f"unexpected event type {event_type}")
 
 
-def _on_entry(db: Session, repo: SessionRepository, e: ParkingEvent) -> None:
+def _on_entry(db: Session, repo: SessionRepository, e: ParkingEvent, settings: Settings) -> None:
     if repo.get_by_entry(f"{e.lot_id}/{e.event_id}") is not None:
         return
     current = repo.get_open_by_vehicle(e.lot_id, e.plate, e.plate_color)
@@ -184,12 +188,13 @@ def _on_entry(db: Session, repo: SessionRepository, e: ParkingEvent) -> None:
     log.info("sessions.opened", session_id=session.id, lot=e.lot_code, entered_at=e.occurred_at)
     early_exit = repo.first_unmatched_exit_after(e.lot_id, e.plate, e.plate_color, e.occurred_at)
     if early_exit is not None:
-        exit_event = ParkingEvent.model_validate_json(early_exit.payload)
+        # Kept sealed since plates were sealed; older rows hold the plate in clear.
+        exit_event = ParkingEvent.model_validate_json(early_exit.payload).sealed(settings)
         db.delete(early_exit)
-        _close(db, session, exit_event)
+        _close(db, session, exit_event, settings)
 
 
-def _on_exit(db: Session, repo: SessionRepository, e: ParkingEvent) -> None:
+def _on_exit(db: Session, repo: SessionRepository, e: ParkingEvent, settings: Settings) -> None:
     if repo.get_by_exit(f"{e.lot_id}/{e.event_id}") is not None:
         return
     session = repo.get_open_by_vehicle(e.lot_id, e.plate, e.plate_color)
@@ -202,15 +207,15 @@ def _on_exit(db: Session, repo: SessionRepository, e: ParkingEvent) -> None:
                     plate=e.plate,
                     plate_color=e.plate_color,
                     occurred_at=e.occurred_at,
-                    payload=e.model_dump_json(),
+                    payload=e.sealed(settings).model_dump_json(),
                 )
             )
         log.info("sessions.exit_unmatched", lot=e.lot_code, event_id=e.event_id)
         return
-    _close(db, session, e)
+    _close(db, session, e, settings)
 
 
-def _close(db: Session, session: ParkingSession, e: ParkingEvent) -> None:
+def _close(db: Session, session: ParkingSession, e: ParkingEvent, settings: Settings) -> None:
     session.status = SessionStatus.closed
     session.exited_at = e.occurred_at
     session.exit_event_id = f"{e.lot_id}/{e.event_id}"
@@ -233,7 +238,7 @@ def _close(db: Session, session: ParkingSession, e: ParkingEvent) -> None:
         decision=Decision(session.decision),
         reason=session.reason,
         driver_id=session.driver_id,
-    )
+    ).sealed(settings)
     # The session id as event id: however often the exit arrives, one closing event exists.
     event = new_event(
         EventType.session_closed,
@@ -246,7 +251,7 @@ def _close(db: Session, session: ParkingSession, e: ParkingEvent) -> None:
         db,
         source=SOURCE,
         topic=SESSIONS_CLOSED,
-        key=session.driver_id or f"plate:{session.plate}",
+        key=session.driver_id or f"vehicle:{closed.plate_ref}",
         event=event,
     )
     log.info(

@@ -34,6 +34,7 @@ from services import city
 from services.gateway.districts import service as gw_districts
 from services.lots.districts import adapter
 from services.lots.schemas import EXAMPLE_TARIFF
+from shared import pii
 from shared.bus.models import InboxRow, LogRow
 from shared.internal import InternalClient
 from shared.runtime import Runtime
@@ -378,7 +379,8 @@ def test_an_eleventh_district_takes_records_end_to_end(
         payloads = {r.event_id: json.loads(r.payload) for r in rows}
         entry = payloads[by_index[0]["event_id"]]
         assert entry["type"] == "citypark.parking.entry"
-        assert entry["data"]["plate"] == "苏EA1234"  # full-width folded
+        assert "plate" not in entry["data"]  # sealed: never in clear on the canonical topic
+        assert pii.decrypt(rt.settings, entry["data"]["plate_enc"]) == "苏EA1234"  # folded
         assert entry["data"]["dialect"] == dialect
         assert entry["data"]["district"] == d.code
         assert entry["data"]["lot_code"] == d.lots[0]

@@ -15,6 +15,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from kafka.admin import KafkaAdminClient, NewTopic
+from pydantic import SecretStr
 from sqlalchemy import update
 
 from services.lots import consumers, occupancy
@@ -145,6 +146,10 @@ def new_lot(
     return answer.json()  # type: ignore[no-any-return]
 
 
+# Producers seal the plate (lots reads no plate; any data keys will do).
+KEYS = Settings(jwt_secret=SecretStr("integration-secret-long-enough-for-hs256"))
+
+
 def parking(lot: dict[str, Any], kind: Kind, at: datetime) -> CloudEvent:
     data = ParkingEvent(
         event_id=str(uuid.uuid4()),
@@ -157,7 +162,7 @@ def parking(lot: dict[str, Any], kind: Kind, at: datetime) -> CloudEvent:
         plate_color="blue",
         occurred_at=at,
         received_at=at,
-    )
+    ).sealed(KEYS)
     kind_type = EventType.parking_entry if kind is Kind.entry else EventType.parking_exit
     return new_event(kind_type, source="tests", data=data)
 
@@ -348,7 +353,7 @@ def test_city_figures_per_district(
             exited_at=exited,
             decision=Decision.postpay,
             driver_id="d",
-        )
+        ).sealed(KEYS)
         events.append(
             new_event(
                 EventType.session_closed,

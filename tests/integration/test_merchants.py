@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,6 +53,8 @@ from shared.timeutil import utcnow
 pytestmark = pytest.mark.integration
 
 REDIS_DB = 14  # this suite's own Redis database
+# The data keys of the integration settings: entries carry the plate sealed with them.
+KEYS = Settings(jwt_secret=SecretStr("integration-secret-long-enough-for-hs256"))
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 SANDBOX = "http://testserver/sandbox/pay"
 TARIFF = parse_tariff(EXAMPLE_TARIFF)
@@ -175,7 +178,7 @@ def park(factory: sessionmaker[Session], lot: dict[str, Any], plate: str, at: da
     """The sessions service receives the car's entry: an open session."""
     entry = lot_event(lot, Kind.entry, plate, at)
     with factory() as db, db.begin():
-        sessions.handle_parking_event(db, EventType.parking_entry, entry)
+        sessions.handle_parking_event(db, EventType.parking_entry, entry, KEYS)
     return session_id_for(lot["id"], entry.event_id)
 
 
@@ -205,11 +208,11 @@ def leave(
         )
         assert session is not None
         session_id = session.id
-        sessions.handle_parking_event(db, EventType.parking_exit, exit_)
+        sessions.handle_parking_event(db, EventType.parking_exit, exit_, rt.settings)
     with factory() as db:
         row = db.scalar(select(LogRow).where(LogRow.event_id == f"session-closed-{session_id}"))
     assert row is not None
-    closed = SessionClosed.model_validate(CloudEvent.from_json(row.payload).data)
+    closed = SessionClosed.opened(rt.settings, CloudEvent.from_json(row.payload).data)
     opened_id = None
     for _ in range(2):
         with factory() as db, db.begin():

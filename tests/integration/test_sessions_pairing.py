@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -13,7 +14,11 @@ from services.sessions.models import ParkingSession, SessionStatus
 from services.sessions.service import handle_parking_event
 from shared.bus.models import LogRow
 from shared.events import Decision, EventType, ParkingEvent, session_id_for
+from shared.settings import Settings
 from shared.topics import SESSIONS_CLOSED
+
+# Only the data keys matter here: the closing events carry the plate sealed with them.
+KEYS = Settings(jwt_secret=SecretStr("integration-secret-long-enough-for-hs256"))
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 25, 1, 0, tzinfo=UTC)
@@ -38,7 +43,7 @@ def ev(lot: str, kind: str, at: datetime, plate: str = "苏E12345", **kw: object
 def apply(factory: sessionmaker[Session], e: ParkingEvent) -> None:
     kind = EventType.parking_entry if e.kind == "entry" else EventType.parking_exit
     with factory() as db, db.begin():
-        handle_parking_event(db, kind, e)
+        handle_parking_event(db, kind, e, KEYS)
 
 
 def sessions_at(factory: sessionmaker[Session], lot: str) -> list[ParkingSession]:

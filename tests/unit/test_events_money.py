@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import SecretStr
 
 from shared.events import CloudEvent, EventType, LotEvent, new_event, session_id_for
 from shared.money import commission, ensure_fen, format_yuan
+from shared.settings import Settings
+
+KEYS = Settings(jwt_secret=SecretStr("unit-secret-0123456789abcdefghij"))
 
 
 def test_cloudevent_round_trip_is_structured_json() -> None:
@@ -18,13 +22,14 @@ def test_cloudevent_round_trip_is_structured_json() -> None:
         plate_color="blue",
         occurred_at="2026-11-25T08:00:00+08:00",
         received_at="2026-11-25T00:00:01Z",
-    )
+    ).sealed(KEYS)
     event = new_event(EventType.connector_entry, source="gateway", data=data, subject="L")
     again = CloudEvent.from_json(event.to_json())
     assert again == event
     assert again.specversion == "1.0"
     assert again.datacontenttype == "application/json"
-    assert LotEvent.model_validate(again.data) == data
+    assert "plate" not in again.data  # sealed: plate_enc and plate_ref only
+    assert LotEvent.opened(KEYS, again.data) == data
 
 
 def test_session_id_is_derived_from_the_entry() -> None:

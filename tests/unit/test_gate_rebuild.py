@@ -65,7 +65,7 @@ def test_a_vehicle_that_moved_on_stays_with_its_new_driver(r: fakeredis.FakeRedi
     state.apply_account(r, account("b", 1, PostpayStatus.active, "苏E33333"))
     state.apply_account(r, account("a", 2, PostpayStatus.active))
     assert state.driver_of(r, "苏E33333", "blue") == "b"
-    assert state.plate_hash("苏E33333", "blue") in state.eligibility(r)[1]
+    assert state.vehicle_key("苏E33333", "blue") in state.eligibility(r)[1]
 
 
 def test_open_sessions_are_restored_only_where_the_gateway_has_nothing(
@@ -125,11 +125,17 @@ def city(r: fakeredis.FakeRedis, transport: Any) -> Runtime:
     return rt
 
 
+# The data keys billing seals the plates with (the gateway's own settings, as in a city).
+KEYS = Settings(jwt_secret=SecretStr("unit-secret-0123456789abcdefghij"))
+
+
 def data(n_drivers: int) -> Pages:
     now = datetime.now(UTC)
     return {
         ACCOUNTS: [
-            account(f"d{i:03}", 2, PostpayStatus.active, f"苏E{i:05}").model_dump(mode="json")
+            account(f"d{i:03}", 2, PostpayStatus.active, f"苏E{i:05}")
+            .sealed(KEYS)
+            .model_dump(mode="json")
             for i in range(n_drivers)
         ],
         OPEN: [

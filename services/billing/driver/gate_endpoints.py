@@ -87,7 +87,8 @@ def accounts(
     )
     last = next(reversed(items), None)
     return AccountPage(
-        items=list(items.values()),
+        # Plates sealed as on the account topic: the rebuild reads the same form.
+        items=[item.sealed(request.app.state.settings) for item in items.values()],
         next=last if len(items) == limit else None,
         total=total,
     )

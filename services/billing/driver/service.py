@@ -114,7 +114,7 @@ def publish_account_state(db: Session, settings: Settings, driver: Driver) -> No
         version=driver.state_version,
         postpay=postpay,
         vehicles=gate_vehicles(db, driver.id),
-    )
+    ).sealed(settings)
     enqueue(
         db,
         source=SOURCE,

@@ -163,9 +163,9 @@ def handler(settings: Settings) -> Callable[[Session, Message], None]:
     def handle(db: Session, message: Message) -> None:
         event, type_ = message.event, message.event.type
         if type_ == EventType.parking_entry:
-            _entry(db, settings, ParkingEvent.model_validate(event.data))
+            _entry(db, settings, ParkingEvent.opened(settings, event.data))
         elif type_ == EventType.session_closed:
-            _exit(db, SessionClosed.model_validate(event.data), event.time)
+            _exit(db, SessionClosed.opened(settings, event.data), event.time)
         elif type_ in (EventType.charge_captured, EventType.charge_declined):
             _charge(db, event.id, type_, ChargeEvent.model_validate(event.data))
         elif type_ == EventType.account_updated:

@@ -110,7 +110,7 @@ def prepare_entry(rt: Runtime, caller: Caller, data: EntryIn) -> tuple[EntryOut,
     _check_time(rt, data.occurred_at)
     event = _lot_event(
         caller, Kind.entry, data, plate, color, vehicle_type=data.vehicle_type, driver_id=driver_id
-    )
+    ).sealed(rt.settings)
     return EntryOut(event_id=str(data.event_id), status="accepted"), event
 
 
@@ -238,7 +238,7 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
         reason=answer.reason,
         driver_id=answer.driver_id,
         offline_decision=None if offline is None else offline.model_dump(mode="json"),
-    )
+    ).sealed(rt.settings)
     out = ExitOut(
         event_id=str(data.event_id),
         decision=answer.decision,

@@ -137,7 +137,7 @@ def _event(rt: Runtime, district: str, dialect: str, record: Record, lot: LotRef
         lane=record.lane,
         dialect=dialect,
         **extra,
-    )
+    ).sealed(rt.settings)
     type_ = EventType.connector_entry if record.kind is Kind.entry else EventType.connector_exit
     return new_event(
         type_,

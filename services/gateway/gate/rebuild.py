@@ -156,7 +156,7 @@ def _rebuild_locked(rt: Runtime, token: str, progress: Progress, page_size: int)
 
     drivers = applied = vehicles = 0
     for page, total in _pages(rt, "billing", "/internal/billing/gate/accounts", page_size):
-        snapshots = [AccountUpdated.model_validate(item) for item in page]
+        snapshots = [AccountUpdated.opened(rt.settings, item) for item in page]
         applied += apply_accounts(r, snapshots)
         drivers += len(snapshots)
         vehicles += sum(len(s.vehicles) for s in snapshots)

@@ -35,7 +35,7 @@ from shared.bus.outbox import enqueue, run_relay
 from shared.bus.port import Handler, Message
 from shared.events import EventType, LotEvent, ParkingEvent, new_event
 from shared.runtime import Runtime, Worker
-from shared.settings import BusKind
+from shared.settings import BusKind, Settings
 from shared.topics import PARKING_EVENTS, lot_events
 
 log = structlog.get_logger(__name__)
@@ -57,14 +57,18 @@ def source_of(district: str) -> str:
     return f"district-{district}"
 
 
-def to_parking_event(message: Message) -> tuple[EventType, ParkingEvent]:
+def to_parking_event(settings: Settings, message: Message) -> tuple[EventType, ParkingEvent]:
     target = CANONICAL.get(EventType(message.event.type))
     if target is None:
         raise ValueError(f"no canonical form for {message.event.type}")
-    lot_event = LotEvent.model_validate(message.event.data)
+    # Sealed as it came; an event from before plates were sealed is sealed here, so the
+    # canonical topic never carries a plate in clear.
+    lot_event = LotEvent.opened(settings, message.event.data)
     # District platforms' records say which dialect they came in; connectors speak canonical.
     dialect = str(message.event.data.get("dialect") or "canonical")
-    return target, ParkingEvent(**lot_event.model_dump(), dialect=dialect)
+    return target, ParkingEvent(
+        **lot_event.model_dump(), plate=lot_event.plate, dialect=dialect
+    ).sealed(settings)
 
 
 class LotDirectory:
@@ -94,7 +98,7 @@ def make_handler(rt: Runtime, district: str) -> Handler:
     group = group_of(district)
 
     def apply(db: Session, message: Message, published: list[tuple[str, str]]) -> None:
-        target, parking = to_parking_event(message)
+        target, parking = to_parking_event(rt.settings, message)
         owner = lots.district_of(db, parking.lot_id)
         reason = None
         if owner is None:
