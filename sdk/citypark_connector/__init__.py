@@ -12,7 +12,7 @@ from ._client import (
 from ._keys import generate_keypair, load_private_key
 from ._outbox import EventState, Outbox, OutboxEvent
 from ._passes import PassEntry
-from ._plates import normalize_plate, plate_hash
+from ._plates import SnapshotKdf, normalize_plate, plate_hash
 from ._signing import SignatureAuth, sign_request
 from ._version import __version__
 
@@ -29,6 +29,7 @@ __all__ = [
     "PassEntry",
     "SignatureAuth",
     "Snapshot",
+    "SnapshotKdf",
     "__version__",
     "generate_keypair",
     "load_private_key",

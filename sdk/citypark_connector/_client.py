@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ._outbox import EventState, Outbox, OutboxEvent
 from ._passes import PASSES, PassEntry, PassKind, covering_reason, pass_body
-from ._plates import plate_hash
+from ._plates import SnapshotKdf, plate_hash
 from ._signing import SignatureAuth
 from ._version import __version__
 
@@ -45,6 +45,7 @@ ENTRIES = "/v1/connector/entries"
 EXITS = "/v1/connector/exits"
 BATCHES = "/v1/connector/batches"
 ELIGIBILITY = "/v1/connector/eligibility"
+SNAPSHOT_FORMAT = 2  # vehicles hashed with the car park's salt (1: unsalted sha256, dropped)
 MAX_BATCH = 500  # the city's limit per batch (SPEC §4)
 CLAIM_WAIT_S = 2.0  # how long a repeated event id waits for the call still holding it
 _SNAPSHOT_META = "eligibility"
@@ -102,7 +103,8 @@ ExitResult = Decision
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Hashed plates (sha256("<plate>:<color>")) allowed to leave on post-pay."""
+    """Vehicles allowed to leave on post-pay, each hashed with this car park's salt (`kdf`):
+    the gate hashes the plate in front of it once and looks it up."""
 
     version: int
     fetched_at: float
@@ -111,6 +113,8 @@ class Snapshot:
     etag: str | None = None
     # The lot's live passes: a covered stay leaves `free` offline too.
     passes: tuple[PassEntry, ...] = field(default=(), repr=False)
+    # None for a car park without post-pay (no vehicles either).
+    kdf: SnapshotKdf | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,7 @@ class ConnectorClient:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._start_lock = threading.Lock()
+        self._lookup_s = 0.0  # what one offline look-up costs here, measured per snapshot
         self._snapshot = self._load_snapshot()
         self._next_refresh = 0.0
 
@@ -319,7 +324,7 @@ class ConnectorClient:
         # for an answer that is not coming.
         outcome = None
         if self._backoff.ready():
-            outcome = self._send_with_deadline(event, EXITS, self.exit_deadline)
+            outcome = self._send_with_deadline(event, EXITS, self._online_wait())
         else:
             self._release([event.event_id])
         return self._exit_result(event, outcome)
@@ -364,7 +369,7 @@ class ConnectorClient:
         self.start()
         outcome = None
         if self._backoff.ready():
-            outcome = await self._send_async(event, EXITS, self.exit_deadline)
+            outcome = await self._send_async(event, EXITS, self._online_wait())
         else:
             self._release([event.event_id])
         return await asyncio.to_thread(self._exit_result, event, outcome)
@@ -391,6 +396,12 @@ class ConnectorClient:
     async def flush_async(self, timeout: float = 30.0) -> int:
         return await asyncio.to_thread(self.flush, timeout)
 
+    def _online_wait(self) -> float:
+        """How long an exit waits for the city: the deadline less what hashing the plate for
+        the offline look-up takes (twice the measured cost), so the gate still decides within
+        `exit_deadline` when the city does not answer."""
+        return max(self.exit_deadline - 2 * self._lookup_s, self.exit_deadline / 2)
+
     # -- eligibility snapshot ------------------------------------------------------------
 
     @property
@@ -411,11 +422,16 @@ class ConnectorClient:
                 current.vehicles,
                 current.etag,
                 current.passes,
+                current.kdf,
             )
         else:
             if response.is_error:
                 raise _error_from(response)
             data = _json_object(response)
+            if data.get("format") != SNAPSHOT_FORMAT:
+                # The unsalted format 1 is no longer served; the snapshot in hand stays in use.
+                raise ValueError(f"eligibility snapshot format {data.get('format')!r} unknown")
+            kdf = data.get("kdf")
             snap = Snapshot(
                 version=int(data["version"]),
                 fetched_at=now,
@@ -423,7 +439,9 @@ class ConnectorClient:
                 vehicles=frozenset(str(v) for v in data["vehicles"]),
                 etag=response.headers.get("etag"),
                 passes=tuple(PassEntry.parse(p) for p in data.get("passes") or ()),
+                kdf=None if kdf is None else SnapshotKdf.parse(kdf),
             )
+            self._lookup_s = _lookup_cost(snap)
         self._snapshot = snap
         self.outbox.set_meta(
             _SNAPSHOT_META,
@@ -435,6 +453,8 @@ class ConnectorClient:
                     "vehicles": sorted(snap.vehicles),
                     "etag": snap.etag,
                     "passes": [p.dump() for p in snap.passes],
+                    "format": SNAPSHOT_FORMAT,
+                    "kdf": None if snap.kdf is None else snap.kdf.dump(),
                 }
             ),
         )
@@ -476,7 +496,8 @@ class ConnectorClient:
             return "pay_on_site", "lot_not_postpay"
         if stale:
             return "pay_on_site", "offline_snapshot_stale"
-        if plate_hash(plate, plate_color) in snap.vehicles:
+        # One memory-hard hash of this plate with the car park's salt (docs/gate.md).
+        if snap.kdf is not None and snap.kdf.hash(plate, plate_color) in snap.vehicles:
             return "postpay", "enrolled"
         return "pay_on_site", "not_eligible"
 
@@ -857,14 +878,20 @@ class ConnectorClient:
         if raw is None:
             return None
         data = json.loads(raw)
-        return Snapshot(
+        if data.get("format") != SNAPSHOT_FORMAT:
+            return None  # an unsalted snapshot of an older version: fetch a new one
+        kdf = data.get("kdf")
+        snap = Snapshot(
             version=int(data["version"]),
             fetched_at=float(data["fetched_at"]),
             lot_postpay_enabled=bool(data["lot_postpay_enabled"]),
             vehicles=frozenset(data["vehicles"]),
             etag=data.get("etag"),
             passes=tuple(PassEntry.parse(p) for p in data.get("passes") or ()),
+            kdf=None if kdf is None else SnapshotKdf.parse(kdf),
         )
+        self._lookup_s = _lookup_cost(snap)
+        return snap
 
     def _async_http(self) -> httpx.AsyncClient:
         if self._ahttp is None:
@@ -876,6 +903,15 @@ class ConnectorClient:
                 headers={"user-agent": f"citypark-connector/{__version__}"},
             )
         return self._ahttp
+
+
+def _lookup_cost(snap: Snapshot) -> float:
+    """Seconds one offline look-up takes with this snapshot's hashing, on this machine."""
+    if snap.kdf is None:
+        return 0.0
+    started = time.perf_counter()
+    snap.kdf.hash("京A00000", "blue")
+    return time.perf_counter() - started
 
 
 def _permanent(status: int) -> bool:

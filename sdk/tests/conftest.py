@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,10 @@ class FakeCity:
     offline_field_refusal: dict[str, str] | None = None
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     seen: dict[str, dict[str, Any]] = field(default_factory=dict)
-    eligible: set[str] = field(default_factory=set)
+    eligible: set[str] = field(default_factory=set)  # "<plate>:<color>"
+    # This car park's salt: the snapshot lists scrypt(plate:color) under it, as the city does.
+    salt: str = field(default_factory=lambda: secrets.token_hex(16))
+    snapshot_format: int = 2
     eligibility_version: int = 1
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -46,8 +50,25 @@ class FakeCity:
         )
 
     def enroll(self, plate: str, color: str) -> None:
-        self.eligible.add(hashlib.sha256(f"{plate}:{color}".encode()).hexdigest())
+        self.eligible.add(f"{plate}:{color}")
         self.eligibility_version += 1
+
+    def kdf(self) -> dict[str, Any]:
+        return {"name": "scrypt", "salt": self.salt, "n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+    def hashed(self) -> list[str]:
+        kdf = self.kdf()
+        return sorted(
+            hashlib.scrypt(
+                v.encode(),
+                salt=bytes.fromhex(kdf["salt"]),
+                n=kdf["n"],
+                r=kdf["r"],
+                p=kdf["p"],
+                dklen=kdf["dklen"],
+            ).hex()
+            for v in self.eligible
+        )
 
     def delivered_ids(self) -> list[str]:
         return [body["event_id"] for _, body in self.received]
@@ -63,13 +84,10 @@ class FakeCity:
         self.received.append((kind, body))
         answer: dict[str, Any] = {"event_id": event_id, "status": "accepted"}
         if kind == "exit":
-            eligible = (
-                hashlib.sha256(f"{body['plate']}:{body['plate_color']}".encode()).hexdigest()
-                in self.eligible
-            )
+            eligible = f"{body['plate']}:{body['plate_color']}" in self.eligible
             answer |= {
                 "decision": "postpay" if eligible else "pay_on_site",
-                "reason": "enrolled" if eligible else "not_enrolled",
+                "reason": "enrolled" if eligible else "not_eligible",
                 "session_id": None,
             }
         self.seen[event_id] = answer
@@ -100,8 +118,10 @@ class FakeCity:
                     200,
                     json={
                         "version": self.eligibility_version,
+                        "format": self.snapshot_format,
                         "lot_postpay_enabled": True,
-                        "vehicles": sorted(self.eligible),
+                        "kdf": self.kdf(),
+                        "vehicles": self.hashed(),
                     },
                     headers={"etag": etag},
                 )

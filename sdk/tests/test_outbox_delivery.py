@@ -257,7 +257,9 @@ def test_snapshot_is_persisted_and_refreshed_only_when_changed(
     first = client.refresh_eligibility()
     again = client.refresh_eligibility()
     assert (first.version, again.version) == (2, 2)
-    assert plate_hash(PLATE, "blue") in again.vehicles
+    assert again.kdf is not None
+    assert again.kdf.hash(PLATE, "blue") in again.vehicles
+    assert plate_hash(PLATE, "blue") not in again.vehicles  # the unsalted sha256 is not listed
     client.close()
 
     city.down = True

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from services.gateway.connector import eligibility
 from services.gateway.connector import endpoints as connector
 from services.gateway.connector.admission import Admission
 from services.gateway.deadletters import endpoints as deadletters
@@ -52,6 +53,8 @@ def _body_limit(rt: Runtime) -> Callable[[str], int]:
 
 def _workers(rt: Runtime) -> list[Worker]:
     out = consumers.workers(rt)
+    # Hashes newly eligible vehicles for every post-pay car park ahead of their next snapshot.
+    out.append(eligibility.warmer(rt))
     if rt.settings.bus is BusKind.kafka:
         # Ops' writes here (replays) are audited through the gateway's outbox: someone must
         # publish it (on the embedded log the outbox already is the bus).

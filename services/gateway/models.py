@@ -28,7 +28,7 @@ class AdminToken(Base):
 
 class EligibilitySet(Base):
     """The hashed plates of one eligibility snapshot as served, stored once however many car
-    parks got it: sha256 digests (32 bytes each), sorted, concatenated."""
+    parks got it: 32-byte hashes, sorted, concatenated."""
 
     __tablename__ = "gateway_eligibility_set"
 
@@ -46,6 +46,8 @@ class EligibilityServed(Base):
     lot_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     digest: Mapped[str] = mapped_column(String(64), index=True)
+    # How its vehicles were hashed (`scrypt$n$r$p$dklen$<salt>`); None: sha256, the first format.
+    kdf: Mapped[str | None] = mapped_column(String(160), default=None)
     served_at: Mapped[datetime] = mapped_column(default=utcnow)
     superseded_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
 

@@ -331,7 +331,7 @@ def test_offline_postpay_for_a_vehicle_nobody_owns_keeps_the_promise_on_the_even
 
     answer = leave(city, body)
 
-    assert (answer["decision"], answer["reason"]) == ("pay_on_site", "not_enrolled")
+    assert (answer["decision"], answer["reason"]) == ("pay_on_site", "not_eligible")
     event = lot_event(city, body["event_id"])
     assert (event.decision, event.reason, event.driver_id) == ("pay_on_site", "not_enrolled", None)
     assert same_promise(event.offline_decision, promise)
@@ -351,7 +351,7 @@ def test_offline_pay_on_site_is_never_charged_again(city: City) -> None:
 
     answer = leave(city, enrolled_now)
     assert (answer["decision"], answer["reason"]) == ("pay_on_site", "offline_snapshot")
-    assert leave(city, still_suspended)["reason"] == "suspended_arrears"
+    assert leave(city, still_suspended)["reason"] == "not_eligible"
     event = lot_event(city, enrolled_now["event_id"])
     assert (event.decision, event.reason) == ("pay_on_site", "offline_snapshot")
     assert event.driver_id is not None  # known, but not charged: the gate took the money
@@ -371,12 +371,15 @@ def test_without_the_field_exits_are_decided_as_before(city: City) -> None:
     gate_driver(city, suspended, PostpayStatus.suspended)
     answers = [leave(city, exit_body(p)) for p in (active, suspended, stranger)]
 
+    # The car park learns `not_eligible`, never why; the city's own record keeps the reason.
     assert [(a["decision"], a["reason"]) for a in answers] == [
         ("postpay", "enrolled"),
-        ("pay_on_site", "suspended_arrears"),
-        ("pay_on_site", "not_enrolled"),
+        ("pay_on_site", "not_eligible"),
+        ("pay_on_site", "not_eligible"),
     ]
-    assert all(lot_event(city, a["event_id"]).offline_decision is None for a in answers)
+    events = [lot_event(city, a["event_id"]) for a in answers]
+    assert [e.reason for e in events] == ["enrolled", "suspended_arrears", "not_enrolled"]
+    assert all(e.offline_decision is None for e in events)
 
 
 def test_a_pass_still_lets_the_car_out_free(city: City) -> None:
@@ -418,7 +421,7 @@ def test_batches_carry_the_offline_decision_per_item(city: City) -> None:
     assert [(r["status"], r["decision"], r["reason"]) for r in results] == [
         ("accepted", "postpay", "offline_snapshot"),
         ("rejected", None, None),
-        ("accepted", "pay_on_site", "suspended_arrears"),
+        ("accepted", "pay_on_site", "not_eligible"),
     ]
     assert results[1]["code"] == "validation_failed"
     assert results[1]["detail"].startswith("offline_decision.decision")

@@ -16,6 +16,7 @@ from citypark_connector import ConnectorClient, sign_request
 
 from services.gateway.connector import ratelimit
 from services.gateway.connector.auth import KEY_CACHE_S
+from services.gateway.connector.eligibility import Kdf
 from services.gateway.gate import state
 from services.lots.models import Lot as LotRow
 from shared.runtime import Runtime
@@ -276,13 +277,16 @@ def test_occurred_at_window_and_batch_results(gw: Gateway, lot: Lot) -> None:
 
 
 def test_eligibility_snapshot_with_etag(gw: Gateway, rt: Runtime, lot: Lot, district: str) -> None:
-    rt.redis.sadd(f"{state.P}eligible", state.plate_hash("苏E12345", "blue"))
+    rt.redis.sadd(f"{state.P}eligible", state.vehicle_key("苏E12345", "blue"))
     rt.redis.incr(f"{state.P}eligible:version")
     first = send(signed(gw, lot.key.key_id, lot.key.private_pem, path="/v1/connector/eligibility"))
     assert first.status_code == 200
     body = first.json()
-    assert body["lot_postpay_enabled"] is True
-    assert state.plate_hash("苏E12345", "blue") in body["vehicles"]
+    assert (body["lot_postpay_enabled"], body["format"], body["complete"]) == (True, 2, True)
+    # Listed salted for this lot only: neither the plain sha256 nor the plate is there.
+    kdf = Kdf(salt=body["kdf"]["salt"])
+    assert body["vehicles"] == [kdf.hash("苏E12345", "blue")]
+    assert state.plate_hash("苏E12345", "blue") not in body["vehicles"]
     request = signed(gw, lot.key.key_id, lot.key.private_pem, path="/v1/connector/eligibility")
     request.headers["if-none-match"] = first.headers["etag"]
     assert send(request).status_code == 304
@@ -293,7 +297,7 @@ def test_eligibility_snapshot_with_etag(gw: Gateway, rt: Runtime, lot: Lot, dist
             gw, no_postpay.key.key_id, no_postpay.key.private_pem, path="/v1/connector/eligibility"
         )
     ).json()
-    assert (answer["lot_postpay_enabled"], answer["vehicles"]) == (False, [])
+    assert (answer["lot_postpay_enabled"], answer["vehicles"], answer["kdf"]) == (False, [], None)
     with ConnectorClient(no_postpay.key.key_id, no_postpay.key.private_pem, base_url=gw.url) as c:
         c.refresh_eligibility()
         assert c.offline_decision("苏E12345", "blue") == ("pay_on_site", "lot_not_postpay")

@@ -65,12 +65,12 @@ def test_older_snapshot_arriving_late_is_ignored(r: fakeredis.FakeRedis) -> None
 
 def test_removed_vehicle_is_forgotten_and_leaves_the_eligible_set(r: fakeredis.FakeRedis) -> None:
     state.apply_account(r, snapshot(1, PostpayStatus.active, "苏E12345", "苏E54321"))
-    v1, hashes = state.eligibility(r)
-    assert state.plate_hash("苏E54321", "blue") in hashes
+    v1, vehicles = state.eligibility(r)
+    assert state.vehicle_key("苏E54321", "blue") in vehicles
     state.apply_account(r, snapshot(2, PostpayStatus.active, "苏E12345"))
-    v2, hashes = state.eligibility(r)
+    v2, vehicles = state.eligibility(r)
     assert v2 > v1
-    assert state.plate_hash("苏E54321", "blue") not in hashes
+    assert state.vehicle_key("苏E54321", "blue") not in vehicles
     assert state.driver_of(r, "苏E54321", "blue") is None
 
 

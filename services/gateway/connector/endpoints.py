@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from services.gateway.connector import eligibility as snapshots
 from services.gateway.connector import passes, ratelimit, service
 from services.gateway.connector.auth import Caller, LotAuth
 from services.gateway.connector.schemas import (
@@ -18,6 +19,7 @@ from services.gateway.connector.schemas import (
     ExitOut,
     HeartbeatIn,
     HeartbeatOut,
+    KdfOut,
     OfflineDecisionInvalid,
     PassIn,
     PassOut,
@@ -169,28 +171,56 @@ async def heartbeat(
     responses={**SIGNED, 304: {"description": "Unchanged since the version in If-None-Match"}},
 )
 async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Response:
-    """Hashed plates allowed to leave on post-pay now, for gate decisions while offline.
+    """Vehicles allowed to leave on post-pay now, hashed for this car park, for gate decisions
+    while offline.
 
-    `vehicles` holds sha256("<plate>:<plate_color>") of normalised plates. The answer carries
-    an `ETag`; send it back in `If-None-Match` to get 304 while nothing changed. The city keeps
-    every version it served to the car park for at least 7 days after it was replaced: an
-    offline `postpay` is honoured only for a vehicle eligible in the version the gate had."""
+    `vehicles` holds scrypt("<plate>:<plate_color>", salt, n, r, p, dklen) of normalised plates
+    as hex, with the parameters and this car park's own salt in `kdf`: the gate hashes the plate
+    in front of it once and looks it up (`format` 2; the unsalted sha256 list of format 1 is no
+    longer served). A salt changes with a new `version`. While the city is still hashing newly
+    eligible vehicles for this car park, `complete` is false and they are left out (offline they
+    pay on site). Passes are the car park's own: their `vehicle` stays sha256("<plate>:<color>").
+
+    The answer carries an `ETag`; send it back in `If-None-Match` to get 304 while nothing
+    changed. The city keeps every version it served to the car park for at least 7 days after
+    it was replaced: an offline `postpay` is honoured only for a vehicle eligible in the version
+    the gate had."""
     if (limited := await _over_budget(request, caller)) is not None:
         return limited
-    version, hashes = await run_in_threadpool(offline.read_eligibility, _rt(request).redis)
+    rt = _rt(request)
     assert caller.lot_id
-    passes_version, entries = await run_in_threadpool(passes.view, _rt(request), caller.lot_id)
-    # The lot's post-pay flag and passes are part of the answer, so they are part of the tag.
-    etag = f'"{version}-{int(caller.postpay_enabled)}-{passes_version}"'
+    passes_version, entries = await run_in_threadpool(passes.view, rt, caller.lot_id)
+    version = await run_in_threadpool(snapshots.current_version, rt.redis)
+    # The lot's post-pay flag and passes are part of the answer, so they are part of the tag; a
+    # snapshot still being hashed has its size in the tag, so that it is never taken for done.
+    tail = f"{int(caller.postpay_enabled)}-{passes_version}"
+    etag = f'"{version}-{tail}"'
     if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
-    # A lot without post-pay decides `pay_on_site` anyway; it has no use for drivers' hashes.
-    served = hashes if caller.postpay_enabled else []
+    if caller.postpay_enabled:
+        built = await run_in_threadpool(snapshots.build, rt, caller.lot_id)
+        version, kdf, served, complete = built.version, built.kdf, built.hashes, built.complete
+        etag = f'"{version}-{tail}"' if complete else f'"{version}.{len(served)}-{tail}"'
+    else:
+        # A lot without post-pay decides `pay_on_site` anyway; it gets no drivers' hashes
+        # and no salt.
+        kdf, served, complete = None, [], True
     # Kept as served: an offline `postpay` is honoured only if this snapshot backs it.
-    await run_in_threadpool(offline.record_served, _rt(request), caller.lot_id, version, served)
+    await run_in_threadpool(
+        offline.record_served,
+        rt,
+        caller.lot_id,
+        version,
+        served,
+        None if kdf is None else kdf.spec(),
+    )
     out = EligibilityOut(
         version=version,
         lot_postpay_enabled=caller.postpay_enabled,
+        kdf=None
+        if kdf is None
+        else KdfOut(salt=kdf.salt, n=kdf.n, r=kdf.r, p=kdf.p, dklen=kdf.dklen),
+        complete=complete,
         vehicles=served,
         passes=entries,
         passes_version=passes_version,

@@ -148,7 +148,8 @@ class PassOut(BaseModel):
 
 
 class PassEntry(BaseModel):
-    """A pass in the eligibility snapshot: the vehicle hashed like `vehicles`."""
+    """A pass in the eligibility snapshot: the car park's own, its vehicle as
+    sha256("<plate>:<plate_color>") (unlike `vehicles`, it tells the car park nothing new)."""
 
     pass_id: str
     vehicle: str
@@ -159,10 +160,29 @@ class PassEntry(BaseModel):
     time_zone: str
 
 
+class KdfOut(BaseModel):
+    """How `vehicles` were hashed: hashlib.scrypt(b"<plate>:<plate_color>",
+    salt=bytes.fromhex(salt), n=n, r=r, p=p, dklen=dklen).hex()."""
+
+    name: Literal["scrypt"] = "scrypt"
+    salt: str = Field(examples=["9f2c4e0b7a1d3f5e8c6b2a4d0e1f3a5b"])
+    n: int = Field(examples=[16384])
+    r: int = Field(examples=[8])
+    p: int = Field(examples=[1])
+    dklen: int = Field(examples=[32])
+
+
 class EligibilityOut(BaseModel):
     version: int
+    # 2: vehicles hashed per car park with `kdf` (1, unsalted sha256, is no longer served).
+    format: Literal[2] = 2
     lot_postpay_enabled: bool = True
-    hash: Literal["sha256(plate:plate_color)"] = "sha256(plate:plate_color)"
+    hash: Literal["scrypt(plate:plate_color)"] = "scrypt(plate:plate_color)"
+    # None for a lot without post-pay (its `vehicles` is empty).
+    kdf: KdfOut | None = None
+    # False while the city is still hashing newly eligible vehicles for this car park: they are
+    # left out until it has (offline they pay on site).
+    complete: bool = True
     vehicles: list[str]
     # The lot's live passes: a covered stay leaves `free` even while the city is away.
     passes: list[PassEntry] = Field(default_factory=list)

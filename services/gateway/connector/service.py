@@ -155,7 +155,8 @@ def _keep_offline_answer(
         unbacked = bounds.unbacked_reason(
             rt,
             caller.lot_id,
-            state.plate_hash(plate, color),
+            plate,
+            color,
             offline.eligibility_version,
             offline.decided_at,
             utcnow(),
@@ -195,6 +196,20 @@ def _keep_offline_answer(
         )
         return state.GateAnswer(offline.decision, "offline_snapshot", fresh.driver_id)
     return fresh  # neither charges after the exit
+
+
+# What a car park may hear about a refused post-pay: its own doing (a lot without post-pay, the
+# gate's own offline answer kept), or `not_eligible`. Why a driver is not eligible (arrears, no
+# account, an unproven vehicle) is the driver's business and stays in the city's events.
+LOT_REASONS = frozenset({"lot_not_postpay", "offline_snapshot"})
+NOT_ELIGIBLE = "not_eligible"
+
+
+def public_reason(answer: state.GateAnswer) -> str:
+    """The reason as the car park gets it (docs/privacy.md, "Eligibility snapshots")."""
+    if answer.decision is Decision.pay_on_site and answer.reason not in LOT_REASONS:
+        return NOT_ELIGIBLE
+    return answer.reason
 
 
 def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, LotEvent | None]:
@@ -242,7 +257,7 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
     out = ExitOut(
         event_id=str(data.event_id),
         decision=answer.decision,
-        reason=answer.reason,
+        reason=public_reason(answer),
         session_id=open_id or None,
     )
     return out, event

@@ -6,7 +6,8 @@ Keys (all under `citypark:gw:`):
   driver:<id>              → hash {version, postpay}
   driver:<id>:vehicles     → set of "<plate>:<color>" the driver holds verified
   driver:<id>:claims       → set of "<plate>:<color>" the driver claims unverified
-  eligible                 → set of sha256("<plate>:<color>") allowed post-pay now
+  eligible                 → set of "<plate>:<color>" allowed post-pay now (car parks get
+                             them only as per-lot salted hashes: connector/eligibility.py)
   eligible:version         → counter, bumped on every change of `eligible`
   open:<lot>:<plate>:<color> → id of the session the gateway saw begin there
   entered:<lot>:<plate>:<color> → its entry time (RFC 3339), for the pass check at the exit
@@ -118,11 +119,11 @@ def _apply_watched(pipe: redis.client.Pipeline, batch: list[AccountUpdated]) -> 
         eligible = data.postpay == PostpayStatus.active
         for vk in new:
             owned[f"{P}vehicle:{vk}"] = data.driver_id
-            (allowed if eligible else barred).append(hashlib.sha256(vk.encode()).hexdigest())
+            (allowed if eligible else barred).append(vk)
     pipe.multi()
     if gone:
         pipe.delete(*[f"{P}vehicle:{vk}" for vk in gone])
-        pipe.srem(f"{P}eligible", *[hashlib.sha256(vk.encode()).hexdigest() for vk in gone])
+        pipe.srem(f"{P}eligible", *gone)
     if owned:
         pipe.mset(owned)
     if barred:
@@ -255,5 +256,11 @@ def entered_at(r: redis.Redis, lot_id: str, plate: str, color: str) -> datetime 
 
 
 def eligibility(r: redis.Redis) -> tuple[int, list[str]]:
-    version = int(r.get(f"{P}eligible:version") or 0)
-    return version, sorted(r.smembers(f"{P}eligible"))  # type: ignore[arg-type]
+    """The vehicles ("<plate>:<color>") allowed post-pay now and their version, read
+    atomically (a change in between would label one set with the other's version)."""
+    pipe = r.pipeline(transaction=True)
+    pipe.get(f"{P}eligible:version")
+    pipe.smembers(f"{P}eligible")
+    version, members = pipe.execute()
+    # A member without a colour is a sha256 left by the first format: a gate rebuild drops it.
+    return int(version or 0), sorted(m for m in members if ":" in m)

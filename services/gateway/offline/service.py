@@ -18,9 +18,12 @@ operator to take up (`GET /v1/admin/unbacked-claims`); so is a `pay_on_site` or 
 gave a car the city would have let out on `postpay` (the car paid at the gate, or the operator
 let it go: the city charges nothing after it). Rules in docs/gate.md.
 
-The snapshots are kept as served: per car park and version the digest of the hashed plates and,
-stored once per distinct content, the plates themselves (32 bytes each), for at least
-`eligibility_snapshot_retention_days` after the car park got a newer one.
+The snapshots are kept as served: per car park and version the digest of the hashed plates,
+how they were hashed (`kdf`: scrypt with the car park's salt, connector/eligibility.py) and,
+stored once per distinct content, the hashes themselves (32 bytes each), for at least
+`eligibility_snapshot_retention_days` after the car park got a newer one. Checking a claim
+costs one salted hash of its plate, and only for an offline `postpay` the city would not give
+now.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from services.gateway.connector.eligibility import Kdf
 from services.gateway.models import EligibilityServed, EligibilitySet, OfflineClaim
 from shared.db import transaction
 from shared.runtime import Runtime
@@ -109,16 +113,6 @@ def within_outage(r: redis.Redis, lot_id: str, decided_at: datetime, now: dateti
 # -- the snapshots served -------------------------------------------------------------------
 
 
-def read_eligibility(r: redis.Redis) -> tuple[int, list[str]]:
-    """The eligible set and its version, read atomically (a change in between would label
-    one set with the other's version)."""
-    pipe = r.pipeline(transaction=True)
-    pipe.get(f"{P}eligible:version")
-    pipe.smembers(f"{P}eligible")
-    version, members = pipe.execute()
-    return int(version or 0), sorted(members)
-
-
 def _pack(hashes: Sequence[str]) -> bytes:
     return b"".join(sorted(bytes.fromhex(h) for h in hashes))
 
@@ -133,10 +127,14 @@ _last_prune = 0.0
 _prune_lock = threading.Lock()
 
 
-def record_served(rt: Runtime, lot_id: str, version: int, hashes: Sequence[str]) -> None:
-    """Remember that the car park got snapshot `version` with these hashed plates."""
+def record_served(
+    rt: Runtime, lot_id: str, version: int, hashes: Sequence[str], kdf: str | None
+) -> None:
+    """Remember that the car park got snapshot `version` with these hashed plates, hashed as
+    `kdf` says (None: sha256, the first format)."""
     packed = _pack(hashes)
-    digest = hashlib.sha256(packed).hexdigest()
+    # The hashing is part of the content: the same plates under another salt are another set.
+    digest = hashlib.sha256(packed + (kdf or "").encode()).hexdigest()
     marker = f"{P}served:{lot_id}:{version}"
     if rt.redis.get(marker) == digest:
         return  # recorded already (the lot asked again after its passes changed)
@@ -168,6 +166,7 @@ def record_served(rt: Runtime, lot_id: str, version: int, hashes: Sequence[str])
                     "lot_id": lot_id,
                     "version": version,
                     "digest": digest,
+                    "kdf": kdf,
                     "served_at": now,
                     "superseded_at": None,
                 },
@@ -176,7 +175,7 @@ def record_served(rt: Runtime, lot_id: str, version: int, hashes: Sequence[str])
         else:
             # The same version with other plates: the gate state was rebuilt from zero and
             # counts again; the car park holds what it got last.
-            row.digest, row.served_at, row.superseded_at = digest, now, None
+            row.digest, row.kdf, row.served_at, row.superseded_at = digest, kdf, now, None
     rt.redis.set(marker, digest, ex=24 * 3600)
     _maybe_prune(rt)
 
@@ -238,10 +237,18 @@ def _contains(packed: bytes, vehicle: bytes) -> bool:
     return index < count and packed[index * HASH_BYTES : (index + 1) * HASH_BYTES] == vehicle
 
 
+def vehicle_hash(kdf: str | None, plate: str, color: str) -> str:
+    """The vehicle as the snapshot hashed it."""
+    if kdf is None:
+        return hashlib.sha256(f"{plate}:{color}".encode()).hexdigest()
+    return Kdf.parse(kdf).hash(plate, color)
+
+
 def unbacked_reason(
     rt: Runtime,
     lot_id: str,
-    vehicle_hash: str,
+    plate: str,
+    color: str,
     version: int | None,
     decided_at: datetime,
     now: datetime,
@@ -259,7 +266,8 @@ def unbacked_reason(
         if served.superseded_at is not None and decided_at > served.superseded_at + SERVED_GRACE:
             return SNAPSHOT_SUPERSEDED
         packed = _sets.get(db, served.digest)
-    if packed is None or not _contains(packed, bytes.fromhex(vehicle_hash)):
+        kdf = served.kdf
+    if packed is None or not _contains(packed, bytes.fromhex(vehicle_hash(kdf, plate, color))):
         return NOT_ELIGIBLE
     return None
 
