@@ -113,6 +113,7 @@ _RETRY_AFTER = {
     }
 }
 _GENERIC: dict[int, tuple[str, dict[str, Any]]] = {
+    400: ("`bad_request`: the body cannot be read at all (not UTF-8, cut short)", {}),
     404: ("`not_found`: nothing is routed here or the resource does not exist", {}),
     405: (
         "`method_not_allowed`: another method of this path; `Allow` lists them",
@@ -159,7 +160,12 @@ def _guards(route: Any) -> tuple[bool, bool, list[type[Problem]]]:
 
 
 def _add(responses: dict[str, Any], status: int, description: str, headers: dict[str, Any]) -> None:
-    entry = responses.setdefault(str(status), {"description": description})
+    entry = responses.setdefault(str(status), {"description": ""})
+    known = entry.get("description", "")
+    if known in ("", "Validation Error"):  # FastAPI's own words for its 422
+        entry["description"] = description
+    elif description not in known:
+        entry["description"] = f"{known}; {description}"
     entry["content"] = _problem_content()
     if headers:
         entry.setdefault("headers", {}).update(headers)
@@ -201,7 +207,7 @@ def document_problems(schema: dict[str, Any], routes: list[Any]) -> dict[str, An
             for status, (description, headers) in _GENERIC.items():
                 if status == 404 and not any(p.get("in") == "path" for p in parameters):
                     continue
-                if status == 413 and "requestBody" not in operation:
+                if status in (400, 413) and "requestBody" not in operation:
                     continue
                 if status == 422 and not (parameters or "requestBody" in operation):
                     continue

@@ -62,7 +62,7 @@ class Strict(BaseModel):
 
 class OperatorCreate(Strict):
     name: str = Field(min_length=1, max_length=200, examples=["苏州城市停车运营有限公司"])
-    commission_bps: int = Field(ge=0, le=10_000, examples=[600])
+    commission_bps: int = Field(ge=0, le=10_000, strict=True, examples=[600])
     settlement_account: str = Field(min_length=1, max_length=200, examples=["6222020200112233"])
 
 
@@ -82,8 +82,8 @@ class PublicKeyIn(Strict):
 
 
 class Location(Strict):
-    lat: float = Field(ge=-90, le=90, examples=[31.3017])
-    lng: float = Field(ge=-180, le=180, examples=[120.5853])
+    lat: float = Field(ge=-90, le=90, strict=True, examples=[31.3017])
+    lng: float = Field(ge=-180, le=180, strict=True, examples=[120.5853])
 
 
 class LotCreate(Strict):
@@ -93,21 +93,22 @@ class LotCreate(Strict):
     name: str = Field(min_length=1, max_length=200, examples=["观前街地下停车场"])
     district: str = Field(examples=["gusu"])
     operator_id: str
-    capacity: int = Field(gt=0, le=100_000, examples=[420])
+    capacity: int = Field(gt=0, le=100_000, strict=True, examples=[420])
     location: Location
-    postpay_enabled: bool = True
+    postpay_enabled: bool = Field(default=True, strict=True)
     public_keys: list[PublicKeyIn] = Field(default_factory=list, max_length=2)
     tariff: dict[str, Any] = Field(examples=[EXAMPLE_TARIFF])
 
 
 class LotUpdate(Strict):
-    """Fields left out stay as they are."""
+    """Fields left out stay as they are; none of them can be null (a 422, not a cleared column)."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    operator_id: str | None = None
-    capacity: int | None = Field(default=None, gt=0, le=100_000)
-    location: Location | None = None
-    postpay_enabled: bool | None = None
+    # The defaults only mark "left out" (`exclude_unset`); an explicit null fails the type.
+    name: str = Field(default=None, min_length=1, max_length=200)
+    operator_id: str = Field(default=None)
+    capacity: int = Field(default=None, gt=0, le=100_000, strict=True)
+    location: Location = Field(default=None)
+    postpay_enabled: bool = Field(default=None, strict=True)
 
 
 class LotOut(BaseModel):

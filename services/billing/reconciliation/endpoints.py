@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import date
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
@@ -14,6 +13,7 @@ from shared.auth import FinanceAuth, ViewerAuth
 from shared.deps import DbSession
 from shared.errors import NotFound, UpstreamUnavailable
 from shared.http import problem_responses
+from shared.wire import IsoDate
 
 admin = APIRouter(prefix="/v1/admin", tags=["admin: billing"])
 
@@ -56,7 +56,7 @@ def run(
 def listing(
     _: ViewerAuth,
     db: DbSession,
-    date: date | None = None,
+    date: IsoDate | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> list[ReconciliationOut]:
     """Reconciliations, newest first, optionally of one day."""

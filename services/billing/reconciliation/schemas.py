@@ -5,10 +5,12 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.wire import IsoDate
+
 
 class ReconciliationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    date: Date
+    date: IsoDate
     provider: str = "sandbox"
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import date
-
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
 
@@ -13,6 +11,7 @@ from shared import audit
 from shared.auth import FinanceAuth, ViewerAuth
 from shared.deps import DbSession
 from shared.http import problem_responses
+from shared.wire import IsoDate
 
 admin = APIRouter(prefix="/v1/admin", tags=["admin: billing"])
 
@@ -57,7 +56,7 @@ def run(data: SettlementRunIn, who: FinanceAuth, db: DbSession) -> JSONResponse:
         **problem_responses(settlements.NotRun),
     },
 )
-def get(date: date, request: Request, _: ViewerAuth, db: DbSession) -> SettlementDay | Response:
+def get(date: IsoDate, request: Request, _: ViewerAuth, db: DbSession) -> SettlementDay | Response:
     """A day's settlement per operator; `Accept: text/csv` for the file sent to operators."""
     result = settlements.stored(db, date)
     if result is None:

@@ -5,10 +5,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.wire import IsoDate
+
 
 class SettlementRunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    date: Date
+    date: IsoDate
 
 
 class Adjustment(BaseModel):

@@ -65,7 +65,9 @@ class DeadLettersOut(BaseModel):
 class ReplayAllIn(BaseModel):
     consumer: str | None = Field(None, description="Only this consumer's dead letters")
     parked: bool = Field(
-        True, description="Also put every parked charge, refund and notification back"
+        True,
+        strict=True,
+        description="Also put every parked charge, refund and notification back",
     )
 
 
