@@ -12,7 +12,7 @@ import re
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Field
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 # RFC 3339; a missing offset is left to the endpoints that insist on one (their own code).
@@ -36,4 +36,14 @@ Instant = Annotated[
     BeforeValidator(
         _written(_INSTANT, datetime, "an RFC 3339 date-time, e.g. 2026-01-31T08:00:00+08:00")
     ),
+]
+
+
+# What billing's phone normaliser takes: a mainland mobile number, optionally +86/86 first,
+# with spaces or dashes anywhere. Documented only: the normaliser refuses the rest with its own
+# `phone_invalid`, which clients already know.
+PHONE_PATTERN = r"^[\s-]*((\+[\s-]*)?8[\s-]*6[\s-]*)?1[\s-]*[3-9]([\s-]*[0-9]){9}[\s-]*$"
+Phone = Annotated[
+    str,
+    Field(max_length=40, json_schema_extra={"pattern": PHONE_PATTERN}, examples=["13812345678"]),
 ]

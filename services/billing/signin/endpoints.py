@@ -18,6 +18,7 @@ from shared.errors import PROBLEM_CONTENT_TYPE, NotFound, Problem, problem
 from shared.forwarding import client_address
 from shared.http import problem_responses
 from shared.runtime import Runtime
+from shared.wire import Phone
 
 auth = APIRouter(prefix="/v1/auth", tags=["driver: sign-in"])
 admin = APIRouter(prefix="/v1/admin", tags=["admin: billing"])
@@ -108,6 +109,6 @@ def sandbox_only(request: Request) -> None:
     responses=problem_responses(NotFound, PhoneInvalid),
     dependencies=[Depends(sandbox_only)],
 )
-def sandbox_sms(phone: str, _: AdminAuth, db: DbSession) -> list[SmsOut]:
+def sandbox_sms(phone: Phone, _: AdminAuth, db: DbSession) -> list[SmsOut]:
     """Messages the SMS port sent to a phone (sandbox mode only; 404 otherwise)."""
     return [SmsOut.model_validate(m, from_attributes=True) for m in signin.sms_for(db, phone)]

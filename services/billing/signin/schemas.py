@@ -4,17 +4,19 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.wire import Phone
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class OtpRequest(Strict):
-    phone: str = Field(examples=["13812345678"])
+    phone: Phone
 
 
 class TokenRequest(Strict):
-    phone: str = Field(examples=["13812345678"])
+    phone: Phone
     code: str = Field(min_length=4, max_length=8, examples=["123456"])
 
 
