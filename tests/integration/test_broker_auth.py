@@ -186,39 +186,35 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
     tmp = tmp_path_factory.mktemp("kafka")
     port, controller = _free_port(), _free_port()
     broker_pw, city_pw = secrets.token_hex(32), secrets.token_hex(32)
-    conf = (DEPLOY / "kafka" / "server-sasl.properties").read_text()
-    for key, value in {
-        "@HOST@": "127.0.0.1",
-        "@ADVERTISED_HOST@": "127.0.0.1",
-        "@PORT@": str(port),
-        "@CONTROLLER_PORT@": str(controller),
-        "@LOG_DIRS@": str(tmp / "data"),
-        "@BROKER_USER@": "broker",
-        "@BROKER_PASSWORD@": broker_pw,
-    }.items():
-        conf = conf.replace(key, value)
-    assert "@" not in conf.split("jaas.config=")[0].replace("1@127", ""), "unrendered placeholder"
-    (tmp / "server.properties").write_text(conf)
-    classpath = f"{KAFKA_LIBS}/*"
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-    fmt = subprocess.run(
-        ["java", "-Xmx256m", "-cp", classpath, "kafka.tools.StorageTool", "format"]
-        + ["-t", cluster_id, "-c", str(tmp / "server.properties")]
-        + ["--add-scram", f"SCRAM-SHA-512=[name=broker,password={broker_pw}]"]
-        + ["--add-scram", f"SCRAM-SHA-512=[name=citypark,password={city_pw}]"],
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT_S,
-    )
-    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+    # deploy/kafka/start.sh itself, as compose runs it, with the image's two launchers replaced
+    # by the same classes run from the jars infra.sh fetched (each `exec`s: one process to stop)
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    java = f'exec java -cp "{KAFKA_LIBS}/*"'
+    launchers = {
+        "kafka-storage.sh": f'{java} -Xmx256m kafka.tools.StorageTool "$@"',
+        "kafka-server-start.sh": f"{java} -Xms128m -Xmx384m -XX:+UseSerialGC "
+        f"-Dlog4j2.configurationFile={DEPLOY / 'local' / 'kafka' / 'log4j2.properties'} "
+        f'-Dkafka.logs.dir={tmp} kafka.Kafka "$@"',
+    }
+    for name, line in launchers.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{line}\n")
+        (bin_dir / name).chmod(0o755)
+    env = os.environ | {
+        "CLUSTER_ID": base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="),
+        "CITYPARK_KAFKA_BROKER_PASSWORD": broker_pw,
+        "CITYPARK_KAFKA_PASSWORD": city_pw,
+        "KAFKA_BIN": str(bin_dir),
+        "KAFKA_LOG_DIRS": str(tmp / "data"),
+        "KAFKA_LISTEN_HOST": "127.0.0.1",
+        "KAFKA_ADVERTISED_HOST": "127.0.0.1",
+        "KAFKA_PORT": str(port),
+        "KAFKA_CONTROLLER_PORT": str(controller),
+        "CITYPARK_KAFKA_RUN_DIR": str(tmp / "run"),
+    }
     log = (tmp / "stdout.log").open("wb")
     proc = subprocess.Popen(
-        ["java", "-Xms128m", "-Xmx384m", "-XX:+UseSerialGC", "-Djava.awt.headless=true"]
-        + [f"-Dlog4j2.configurationFile={DEPLOY / 'local' / 'kafka' / 'log4j2.properties'}"]
-        + [f"-Dkafka.logs.dir={tmp}", "-cp", classpath, "kafka.Kafka"]
-        + [str(tmp / "server.properties")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        ["sh", str(DEPLOY / "kafka" / "start.sh")], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     kafka = SecureKafka(f"127.0.0.1:{port}", city_pw)
     try:
