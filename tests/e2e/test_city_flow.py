@@ -231,7 +231,7 @@ def test_postpay_parking_flows_through_the_city(city: City) -> None:
 
     # A stranger's car pays on site.
     stranger = connector.report_exit(plate="苏A88888", plate_color="blue", lane="X1")
-    assert (stranger.decision, stranger.reason) == ("pay_on_site", "not_enrolled")
+    assert (stranger.decision, stranger.reason) == ("pay_on_site", "not_eligible")
 
 
 def test_gateway_documents_the_whole_city(city: City) -> None:

@@ -258,7 +258,7 @@ def test_whitelist_then_deleted_falls_back_to_the_normal_decision(
     client.delete_pass(f"wl-{plate[-5:]}")  # a repeat changes nothing
     client.delete_pass(f"wl-{enrolled[-5:]}")
     answer = stay(client, plate, entered, exited)
-    assert (answer.decision, answer.reason) == ("pay_on_site", "not_enrolled")
+    assert (answer.decision, answer.reason) == ("pay_on_site", "not_eligible")
     answer = stay(client, enrolled, entered, exited)
     assert (answer.decision, answer.reason) == ("postpay", "enrolled")
     assert quote(gw, lot, entered, exited, plate) == quote(gw, lot, entered, exited, None) > 0
@@ -278,7 +278,7 @@ def test_a_whitelist_before_the_entry_does_not_cover_the_stay(
         valid_to=now + timedelta(days=1),
     )
     answer = stay(client, plate, now - timedelta(hours=3), now - timedelta(minutes=1))
-    assert (answer.decision, answer.reason) == ("pay_on_site", "not_enrolled")
+    assert (answer.decision, answer.reason) == ("pay_on_site", "not_eligible")
 
 
 def test_put_is_idempotent_and_replaces(client: ConnectorClient) -> None:

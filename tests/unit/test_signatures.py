@@ -477,7 +477,7 @@ class Gateway:
             answer = {
                 "event_id": event_id,
                 "decision": "pay_on_site",
-                "reason": "not_enrolled",
+                "reason": "not_eligible",
                 "session_id": None,
             }
             return httpx.Response(200, json=answer, headers=headers)
@@ -531,7 +531,7 @@ def test_client_report_exit_and_heartbeat(lot_key: Keys) -> None:
     assert result.event_id == str(event_id)
     assert (result.decision, result.reason, result.session_id) == (
         "pay_on_site",
-        "not_enrolled",
+        "not_eligible",
         None,
     )
     exit_request, heartbeat_request = (request for request, _ in gateway.seen)
