@@ -24,6 +24,7 @@ from services.billing.notification.models import Notification
 from services.billing.notification.urlguard import UrlGuard
 from shared.errors import Problem
 from shared.keys import Purpose, derive
+from shared.plates import mask_plate
 
 log = structlog.get_logger(__name__)
 
@@ -89,15 +90,22 @@ def verify(
 
 
 def payload(notification: Notification) -> dict[str, Any]:
+    # A webhook lands on a server the driver chose, run by someone else: it gets the plate as
+    # other people see it (`苏E***45`), not the message form the driver reads (`苏E·12*45`), which
+    # leaves a single character to guess.
+    title, body, plate = notification.title, notification.body, notification.plate
+    if plate:
+        strict = mask_plate(plate)
+        title, body, plate = title.replace(plate, strict), body.replace(plate, strict), strict
     return {
         "id": notification.id,
         "type": f"citypark.notification.{notification.kind}",
         "created_at": notification.created_at.isoformat(),
         "data": {
             "kind": str(notification.kind),
-            "title": notification.title,
-            "body": notification.body,
-            "plate": notification.plate,
+            "title": title,
+            "body": body,
+            "plate": plate,
             "amount_fen": notification.amount_fen,
             "ref_id": notification.ref_id,
         },
