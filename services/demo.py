@@ -36,6 +36,7 @@ from services.lots.schemas import EXAMPLE_TARIFF, Location, LotCreate, OperatorC
 from services.paysandbox.models import Agreement
 from shared.auth import Admin, Role
 from shared.db import transaction
+from shared.pii_columns import index_in
 from shared.runtime import Runtime
 from shared.timeutil import utcnow
 from shared.topics import SUZHOU_DISTRICTS
@@ -129,7 +130,8 @@ def seed(rt: Runtime, keys_dir: Path = KEYS_DIR) -> list[dict[str, Any]]:
                     )
         for n in range(DEMO_DRIVERS):
             phone = f"139000{n:05d}"
-            if existing_driver := db.scalar(select(Driver).where(Driver.phone == phone)):
+            by_phone = Driver.phone_bidx == index_in(db, "phone", phone)
+            if existing_driver := db.scalar(select(Driver).where(by_phone)):
                 _verify_demo_vehicles(db, rt, existing_driver)
                 continue
             driver = Driver(phone=phone)

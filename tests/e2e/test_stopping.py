@@ -43,6 +43,7 @@ from services.sessions.models import ParkingSession
 from shared.bus.kafka import KafkaBus
 from shared.bus.models import InboxRow
 from shared.events import CloudEvent, EventType, Kind, LotEvent, new_event
+from shared.pii_columns import bind_data_keys
 from shared.settings import BusKind, CacheKind, Settings
 from shared.timeutil import utcnow
 from shared.topics import lot_events
@@ -306,7 +307,9 @@ def test_billing_stops_within_10_s_under_load_and_keeps_what_it_accepted(
         billing = _start(["run", "billing", "--port", str(port)], env, ROOT, again_log)
         with _reaped(billing):
             _wait_healthy(base, billing, again_log, 90)
-            engine = create_engine(database_url)
+            # Phones are encrypted at rest: read them with the city's keys.
+            keys = Settings(jwt_secret=SecretStr(env["CITYPARK_JWT_SECRET"]))
+            engine = bind_data_keys(create_engine(database_url), keys)
             with Session(engine) as db:
                 sent = set(db.scalars(select(SmsMessage.phone)))
             engine.dispose()

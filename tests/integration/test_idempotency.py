@@ -29,6 +29,7 @@ from services.billing.main import part as billing
 from shared import idempotency
 from shared.errors import NotFound
 from shared.http import make_app
+from shared.pii_columns import index_in
 from shared.runtime import Runtime, attach
 from shared.settings import BusKind, CacheKind, Settings
 
@@ -228,7 +229,9 @@ def _sign_in(client: TestClient, rt: Runtime, phone: str, key: str) -> tuple[dic
     assert client.post("/v1/auth/otp", json={"phone": phone}).status_code == 202
     with rt.sessionmaker() as db:
         body = db.scalars(
-            select(SmsMessage.body).where(SmsMessage.phone == phone).order_by(SmsMessage.sent_at)
+            select(SmsMessage.body)
+            .where(SmsMessage.phone_bidx == index_in(db, "phone", phone))
+            .order_by(SmsMessage.sent_at)
         ).all()[-1]
     code = re.search(r"\d{6}", body).group(0)  # type: ignore[union-attr]
     answer = client.post(

@@ -51,6 +51,7 @@ from shared.events import (
     new_event,
 )
 from shared.http import make_app
+from shared.pii_columns import index_in
 from shared.runtime import Runtime, attach
 from shared.settings import Settings
 from tests.conftest import Infra
@@ -244,7 +245,8 @@ def auth(rt: Runtime, driver_id: str) -> dict[str, str]:
 def sms_to(factory: sessionmaker[Session], driver_id: str) -> list[str]:
     with factory() as db:
         phone = db.get(Driver, driver_id).phone  # type: ignore[union-attr]
-        return [m.body for m in db.scalars(select(SmsMessage).where(SmsMessage.phone == phone))]
+        sent = select(SmsMessage).where(SmsMessage.phone_bidx == index_in(db, "phone", phone))
+        return [m.body for m in db.scalars(sent)]
 
 
 def send_due(rt: Runtime) -> None:

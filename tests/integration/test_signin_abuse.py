@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from services import city
 from services.billing.driver.models import OtpChallenge, SmsMessage
 from shared.auth import Role, issue_admin_token
+from shared.pii_columns import index_in
 from shared.runtime import Runtime
 from shared.settings import CacheKind, Settings
 from tests.embedded_city import embedded_city
@@ -202,7 +203,8 @@ def test_fifty_parallel_wrong_guesses_get_at_most_five_comparisons(town: City, p
     # Every guess that was answered at all was counted: the code is used up.
     assert codes.count("otp_invalid") + codes.count("otp_attempts_exceeded") > max_attempts
     with Session(town.rt.engine) as db:
-        attempts = db.scalar(select(OtpChallenge.attempts).where(OtpChallenge.phone == phone))
+        by_phone = OtpChallenge.phone_bidx == index_in(db, "phone", phone)
+        attempts = db.scalar(select(OtpChallenge.attempts).where(by_phone))
     assert attempts == max_attempts
     # Even the right code is refused now: it had its guesses.
     right = me.post("/v1/auth/token", json={"phone": phone, "code": code})
@@ -296,8 +298,9 @@ def test_with_sandbox_off_no_code_and_no_sms_text_is_stored(town: City, phone: s
     assert me.post("/v1/auth/otp", json={"phone": phone}).status_code == 202
     code = town.sms.code_for(phone)
     with Session(town.rt.engine) as db:
-        assert db.scalars(select(SmsMessage).where(SmsMessage.phone == phone)).all() == []
-        [challenge] = db.scalars(select(OtpChallenge).where(OtpChallenge.phone == phone)).all()
+        bidx = index_in(db, "phone", phone)
+        assert db.scalars(select(SmsMessage).where(SmsMessage.phone_bidx == bidx)).all() == []
+        [challenge] = db.scalars(select(OtpChallenge).where(OtpChallenge.phone_bidx == bidx)).all()
         kept = [str(getattr(challenge, c.key)) for c in OtpChallenge.__table__.columns]
     assert not any(code in value for value in kept), kept
     assert re.fullmatch(r"[0-9a-f]{64}", challenge.code_hash)
@@ -310,7 +313,8 @@ def test_with_sandbox_off_no_code_and_no_sms_text_is_stored(town: City, phone: s
         answer = me.post("/v1/auth/otp", json={"phone": other})
         assert (answer.status_code, problem_code(answer)) == (503, "sms_unavailable")
         with Session(town.rt.engine) as db:
-            assert db.scalar(select(OtpChallenge.id).where(OtpChallenge.phone == other)) is None
+            other_bidx = OtpChallenge.phone_bidx == index_in(db, "phone", other)
+            assert db.scalar(select(OtpChallenge.id).where(other_bidx)) is None
     finally:
         town.billing.state.sms_port = town.sms
 

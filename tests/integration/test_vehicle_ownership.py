@@ -37,6 +37,7 @@ from services.lots.schemas import EXAMPLE_TARIFF
 from services.sessions.models import ParkingSession, SessionStatus
 from shared.auth import Role
 from shared.db import transaction
+from shared.pii_columns import index_in
 from shared.runtime import Runtime
 from shared.settings import CacheKind
 from tests.conftest import Infra, scratch_database
@@ -164,7 +165,7 @@ def closed_sessions(city: City, plate: str, count: int) -> list[ParkingSession]:
             rows = list(
                 db.scalars(
                     select(ParkingSession).where(
-                        ParkingSession.plate == plate,
+                        ParkingSession.plate_bidx == index_in(db, "plate", plate),
                         ParkingSession.status == SessionStatus.closed,
                     )
                 )

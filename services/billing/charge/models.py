@@ -11,6 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from services.billing.db import Base
 from shared.db import new_id
+from shared.pii_columns import Encrypted
 from shared.timeutil import utcnow
 
 
@@ -41,7 +42,7 @@ class Charge(Base):
     # The lot's district when the session closed, for the city's per-district figures. Charges
     # opened before it was recorded have none; they count in the city's totals only.
     district: Mapped[str | None] = mapped_column(String(40), default=None)
-    plate: Mapped[str] = mapped_column(String(16))
+    plate: Mapped[str] = mapped_column(Encrypted())  # at rest; never looked up by plate
     plate_color: Mapped[str] = mapped_column(String(10))
     entered_at: Mapped[datetime]
     exited_at: Mapped[datetime]

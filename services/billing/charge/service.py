@@ -41,6 +41,7 @@ from shared.bus.outbox import enqueue
 from shared.errors import NotFound
 from shared.events import ChargeEvent, Decision, EventType, SessionClosed, new_event
 from shared.internal import InternalClient
+from shared.pii_columns import index_in
 from shared.settings import Settings
 from shared.timeutil import utcnow
 from shared.topics import BILLING_EVENTS
@@ -570,7 +571,9 @@ def search_arrears(
         .limit(limit)
     )
     if phone:
-        query = query.where(Driver.phone == drivers.normalize_phone(phone))
+        query = query.where(
+            Driver.phone_bidx == index_in(db, "phone", drivers.normalize_phone(phone))
+        )
     if driver_id:
         query = query.where(Driver.id == driver_id)
     if older_than_days is not None:

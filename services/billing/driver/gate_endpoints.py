@@ -63,7 +63,7 @@ def accounts(
             Vehicle,
             (Vehicle.driver_id == page.c.id) & (Vehicle.status != VehicleStatus.superseded),
         )
-        .order_by(page.c.id, Vehicle.plate, Vehicle.plate_color)
+        .order_by(page.c.id)
     ).all()
     items: dict[str, AccountUpdated] = {}
     for driver_id, version, postpay, plate, color, status in rows:
@@ -85,6 +85,8 @@ def accounts(
         if after is None
         else None
     )
+    for item in items.values():  # plates are encrypted in the database: ordered here
+        item.vehicles.sort(key=lambda v: (v.plate, v.plate_color))
     last = next(reversed(items), None)
     return AccountPage(
         # Plates sealed as on the account topic: the rebuild reads the same form.

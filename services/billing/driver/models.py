@@ -9,6 +9,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from services.billing.db import Base
 from shared.db import new_id
+from shared.pii_columns import INDEX_LENGTH, Encrypted, EncryptedText, keep_blind_index
 from shared.timeutil import utcnow
 
 
@@ -16,7 +17,10 @@ class Driver(Base):
     __tablename__ = "billing_driver"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    phone: Mapped[str] = mapped_column(String(20), unique=True)
+    # Phones are encrypted at rest; the blind index finds a driver at sign-in and keeps one
+    # driver per phone.
+    phone: Mapped[str] = mapped_column(Encrypted())
+    phone_bidx: Mapped[str] = mapped_column(String(INDEX_LENGTH), unique=True)
     # Bumped on every change of post-pay state; consumers keep the newest snapshot.
     state_version: Mapped[int] = mapped_column(default=0)
     # The post-pay state last published, so the periodic arrears check only speaks on change.
@@ -26,10 +30,11 @@ class Driver(Base):
 
 class OtpChallenge(Base):
     __tablename__ = "billing_otp"
-    __table_args__ = (Index("ix_billing_otp_phone", "phone", "created_at"),)
+    __table_args__ = (Index("ix_billing_otp_phone", "phone_bidx", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    phone: Mapped[str] = mapped_column(String(20))
+    phone: Mapped[str] = mapped_column(Encrypted())
+    phone_bidx: Mapped[str] = mapped_column(String(INDEX_LENGTH))
     code_hash: Mapped[str] = mapped_column(String(64))
     expires_at: Mapped[datetime]
     attempts: Mapped[int] = mapped_column(default=0)
@@ -41,11 +46,13 @@ class SmsMessage(Base):
     """The sandbox SMS outbox: what the SMS port would have sent."""
 
     __tablename__ = "billing_sms"
-    __table_args__ = (Index("ix_billing_sms_phone", "phone", "sent_at"),)
+    __table_args__ = (Index("ix_billing_sms_phone", "phone_bidx", "sent_at"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    phone: Mapped[str] = mapped_column(String(20))
-    body: Mapped[str] = mapped_column(String(500))
+    phone: Mapped[str] = mapped_column(Encrypted())
+    phone_bidx: Mapped[str] = mapped_column(String(INDEX_LENGTH))
+    # The text holds a sign-in code or the driver's own data: encrypted as well.
+    body: Mapped[str] = mapped_column(EncryptedText())
     sent_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -58,3 +65,7 @@ class PaymentAccount(Base):
     masked_account: Mapped[str] = mapped_column(String(100))
     bound_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+
+keep_blind_index(Driver, "phone", "phone")
+keep_blind_index(OtpChallenge, "phone", "phone")
+keep_blind_index(SmsMessage, "phone", "phone")

@@ -90,18 +90,23 @@ def postpay_status(db: Session, settings: Settings, driver_id: str) -> PostpaySt
 def gate_vehicles(db: Session, driver_id: str) -> list[VehicleRef]:
     """The driver's claims the gate must know: verified ones open post-pay, unverified ones
     make the gate say why not (`vehicle_unverified`); a superseded claim is no longer theirs."""
-    return [
-        VehicleRef(
-            plate=v.plate,
-            plate_color=v.plate_color,
-            verified=v.status == VehicleStatus.verified,
+    claims = db.scalars(
+        select(Vehicle).where(
+            Vehicle.driver_id == driver_id, Vehicle.status != VehicleStatus.superseded
         )
-        for v in db.scalars(
-            select(Vehicle)
-            .where(Vehicle.driver_id == driver_id, Vehicle.status != VehicleStatus.superseded)
-            .order_by(Vehicle.plate, Vehicle.plate_color)
-        )
-    ]
+    )
+    # Sorted here: the database holds plates encrypted, so it cannot order by them.
+    return sorted(
+        (
+            VehicleRef(
+                plate=v.plate,
+                plate_color=v.plate_color,
+                verified=v.status == VehicleStatus.verified,
+            )
+            for v in claims
+        ),
+        key=lambda r: (r.plate, r.plate_color),
+    )
 
 
 def publish_account_state(db: Session, settings: Settings, driver: Driver) -> None:

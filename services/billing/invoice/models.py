@@ -10,6 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from services.billing.db import Base
 from shared.db import new_id
+from shared.pii_columns import Encrypted
 from shared.timeutil import utcnow
 
 
@@ -59,7 +60,7 @@ class InvoiceItem(Base):
     charge_id: Mapped[str] = mapped_column(String(36), unique=True)
     amount_fen: Mapped[int]
     lot_code: Mapped[str] = mapped_column(String(64))
-    plate: Mapped[str] = mapped_column(String(16))
+    plate: Mapped[str] = mapped_column(Encrypted())  # at rest; never looked up by plate
     entered_at: Mapped[datetime]
     exited_at: Mapped[datetime]
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from services.billing.db import Base
 from shared.db import new_id
+from shared.pii_columns import Encrypted
 from shared.timeutil import utcnow
 
 
@@ -54,7 +55,7 @@ class Validation(Base):
     merchant_id: Mapped[str] = mapped_column(String(36))
     lot_id: Mapped[str] = mapped_column(String(36))
     session_id: Mapped[str] = mapped_column(String(36))
-    plate: Mapped[str] = mapped_column(String(16))
+    plate: Mapped[str] = mapped_column(Encrypted())  # at rest; never looked up by plate
     plate_color: Mapped[str] = mapped_column(String(10))
     kind: Mapped[ValidationKind] = mapped_column(String(10))
     # Minutes for `minutes`, fen for `amount`, 0 for `full`.

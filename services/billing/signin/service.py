@@ -32,6 +32,7 @@ from services.billing.signin import limits
 from services.billing.signin.sms import SmsPort
 from shared.errors import Problem, problem
 from shared.keys import Purpose, derive
+from shared.pii_columns import index_in
 from shared.settings import Settings
 from shared.timeutil import utcnow
 
@@ -90,7 +91,10 @@ def verify_otp(
     origin = limits.origin_tag(secret, address)
     challenge = db.scalar(
         select(OtpChallenge)
-        .where(OtpChallenge.phone == phone, OtpChallenge.id.startswith(origin + "."))
+        .where(
+            OtpChallenge.phone_bidx == index_in(db, "phone", phone),
+            OtpChallenge.id.startswith(origin + "."),
+        )
         .order_by(OtpChallenge.created_at.desc())
         .limit(1)
     )
@@ -121,7 +125,7 @@ def verify_otp(
     )
     if used.rowcount != 1:  # type: ignore[attr-defined]
         return OtpInvalid()
-    driver = db.scalar(select(Driver).where(Driver.phone == phone))
+    driver = db.scalar(select(Driver).where(Driver.phone_bidx == index_in(db, "phone", phone)))
     if driver is not None:
         return driver
     try:
@@ -130,7 +134,9 @@ def verify_otp(
             db.add(driver)
             db.flush()
     except IntegrityError:  # signed in from two addresses at once: the other one registered
-        return db.scalars(select(Driver).where(Driver.phone == phone)).one()
+        return db.scalars(
+            select(Driver).where(Driver.phone_bidx == index_in(db, "phone", phone))
+        ).one()
     log.info("auth.driver_registered", driver_id=driver.id)
     return driver
 
@@ -139,7 +145,7 @@ def sms_for(db: Session, phone: str) -> list[SmsMessage]:
     return list(
         db.scalars(
             select(SmsMessage)
-            .where(SmsMessage.phone == normalize_phone(phone))
+            .where(SmsMessage.phone_bidx == index_in(db, "phone", normalize_phone(phone)))
             .order_by(SmsMessage.sent_at.desc())
             .limit(50)
         )

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from services.billing.db import Base
 from shared.db import new_id
+from shared.pii_columns import INDEX_LENGTH, Encrypted, keep_blind_index
 from shared.timeutil import utcnow
 
 
@@ -25,16 +26,21 @@ class Vehicle(Base):
 
     __tablename__ = "billing_vehicle"
     __table_args__ = (
-        UniqueConstraint("driver_id", "plate", "plate_color"),
-        Index("ix_billing_vehicle_plate", "plate", "plate_color"),
+        UniqueConstraint("driver_id", "plate_bidx", "plate_color"),
+        Index("ix_billing_vehicle_plate", "plate_bidx", "plate_color"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     driver_id: Mapped[str] = mapped_column(ForeignKey("billing_driver.id"), index=True)
-    plate: Mapped[str] = mapped_column(String(16))
+    # Encrypted at rest; claims of a plate are found (and kept one per driver) by blind index.
+    plate: Mapped[str] = mapped_column(Encrypted())
+    plate_bidx: Mapped[str] = mapped_column(String(INDEX_LENGTH))
     plate_color: Mapped[str] = mapped_column(String(10))
     status: Mapped[VehicleStatus] = mapped_column(String(12), default=VehicleStatus.unverified)
     # The driver sees parkings of the plate from `verified_at` until `superseded_at`.
     verified_at: Mapped[datetime | None] = mapped_column(default=None)
     superseded_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+keep_blind_index(Vehicle, "plate", "plate")

@@ -25,6 +25,7 @@ from services.billing.vehicle.models import Vehicle, VehicleStatus
 from services.billing.vehicle.registry import RegistryUnavailable, VehicleRegistry
 from services.billing.vehicle.schemas import VerifiedWindow
 from shared.errors import NotFound, RateLimited, problem
+from shared.pii_columns import index_in
 from shared.plates import mask_plate_for_message, normalize_plate, parse_plate_color
 from shared.settings import Settings
 from shared.timeutil import utcnow
@@ -83,7 +84,7 @@ def verified_holder(db: Session, plate: str, color: str, at: datetime) -> Vehicl
     """The claim that held the plate verified at `at`, if any."""
     for v in db.scalars(
         select(Vehicle).where(
-            Vehicle.plate == plate,
+            Vehicle.plate_bidx == index_in(db, "plate", plate),
             Vehicle.plate_color == color,
             Vehicle.verified_at.is_not(None),
             Vehicle.verified_at <= at,
@@ -106,7 +107,9 @@ def add_vehicle(
     driver = drivers.get_driver(db, driver_id)
     mine = db.scalar(
         select(Vehicle).where(
-            Vehicle.driver_id == driver_id, Vehicle.plate == plate, Vehicle.plate_color == color
+            Vehicle.driver_id == driver_id,
+            Vehicle.plate_bidx == index_in(db, "plate", plate),
+            Vehicle.plate_color == color,
         )
     )
     if mine is not None and mine.status != VehicleStatus.superseded:
@@ -189,7 +192,9 @@ def mark_verified(db: Session, settings: Settings, driver_id: str, vehicle_id: s
     claims = list(
         db.scalars(
             select(Vehicle)
-            .where(Vehicle.plate == claim.plate, Vehicle.plate_color == claim.plate_color)
+            .where(
+                Vehicle.plate_bidx == claim.plate_bidx, Vehicle.plate_color == claim.plate_color
+            )
             .order_by(Vehicle.id)
             .with_for_update()
             .execution_options(populate_existing=True)
