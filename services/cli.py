@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.deadletters_cli import app as deadletters_app
 from services.gateway.gate.cli import app as gate_app
+from services.keys_cli import app as keys_app
 from shared.auth import Role
 from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
@@ -29,6 +30,9 @@ districts_app = typer.Typer(help="District platforms: backfill.", no_args_is_hel
 app.add_typer(districts_app, name="districts")
 app.add_typer(gate_app, name="gate")
 app.add_typer(deadletters_app, name="deadletters")
+app.add_typer(keys_app, name="keys")
+privacy_app = typer.Typer(help="Personal data: retention.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
 console = Console(stderr=True)
 
 
@@ -365,6 +369,31 @@ def districts_import(
         f"{summary.total} records: [green]{summary.accepted} accepted[/green], "
         f"{summary.duplicates} duplicate, [red]{summary.rejected} rejected[/red] ({reasons})"
     )
+
+
+@privacy_app.command("purge")
+def privacy_purge(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what is past its period; change nothing.")
+    ] = False,
+) -> None:
+    """Purge (or pseudonymise) what is past its retention period, in every service's tables,
+    now; the services also do it on their own every CITYPARK_RETENTION_INTERVAL_S."""
+    from services import city
+    from services.billing import retention as billing_retention
+    from services.sessions import retention as sessions_retention
+    from shared.runtime import Runtime
+
+    settings = _settings()
+    city.migrate(settings)
+    rt = Runtime(settings, source="cli")
+    verb = "due" if dry_run else "purged"
+    purges = (("billing", billing_retention.purge), ("sessions", sessions_retention.purge))
+    for name, purge in purges:
+        typer.echo(f"{name}: purging…" if not dry_run else f"{name}: counting…")
+        counts = purge(rt, dry_run=dry_run)
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items()) or "nothing"
+        typer.echo(f"{name}: {verb} {shown}")
 
 
 if __name__ == "__main__":

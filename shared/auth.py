@@ -41,6 +41,9 @@ DEFAULT_ADMIN_TOKEN_TTL_S = 8 * 3600
 REVOCATIONS_MAX_AGE_S = 5.0
 REVOCATIONS_FETCH_TIMEOUT_S = 2.0
 REVOKED_PATH = "/internal/admin-tokens/revoked"
+# Drivers' "tokens valid after" times changed within the token lifetime, served by billing.
+DRIVER_CUTOFFS_PATH = "/internal/billing/drivers/token-cutoffs"
+ISSUED_MS_CLAIM = "iat_ms"
 
 _PURPOSE_OF_KIND = {"driver": Purpose.driver_tokens, "admin": Purpose.admin_tokens}
 
@@ -70,8 +73,18 @@ class IssuedAdminToken:
 
 
 def issue_driver_token(secret: str, driver_id: str, ttl_s: int) -> str:
-    now = int(time.time())
-    claims = {"iss": ISSUER, "sub": driver_id, "kind": "driver", "iat": now, "exp": now + ttl_s}
+    issued = time.time()
+    now = int(issued)
+    claims = {
+        "iss": ISSUER,
+        "sub": driver_id,
+        "kind": "driver",
+        "iat": now,
+        "exp": now + ttl_s,
+        # `iat` has whole seconds only: a sign-in in the same second as "log out everywhere"
+        # must still be told apart from the tokens that call revoked.
+        ISSUED_MS_CLAIM: int(issued * 1000),
+    }
     return jwt.encode(claims, derive(secret, Purpose.driver_tokens), algorithm="HS256")
 
 
@@ -165,7 +178,23 @@ def authenticate_driver(request: Request) -> Driver:
     claims = _decode(_masters(request), _bearer(request))
     if claims.get("kind") != "driver":
         raise Forbidden("This endpoint is for drivers")
-    return Driver(id=str(claims["sub"]))
+    driver_id = str(claims["sub"])
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None:
+        cutoff = runtime.driver_cutoffs.cutoff(driver_id)
+        if cutoff is not None and issued_ms(claims) <= cutoff:
+            raise TokenRevoked("This token was revoked: sign in again")
+    return Driver(id=driver_id)
+
+
+def issued_ms(claims: dict[str, object]) -> int:
+    """When the token was issued, in Unix milliseconds (`iat` for tokens made before the
+    millisecond claim: the start of its second, so such a token never outlives a cut-off)."""
+    value = claims.get(ISSUED_MS_CLAIM)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    iat = claims.get("iat")
+    return int(iat) * 1000 if isinstance(iat, int | float) else 0
 
 
 def authenticate_admin(request: Request) -> Admin:
@@ -283,6 +312,81 @@ def gateway_revocations(gateway_url: str, secret: str) -> RevokedSource:
             str(item["jti"]): datetime.fromisoformat(item["expires_at"]).timestamp()
             for item in answer.json()["revoked"]
         }
+
+    return fetch
+
+
+# driver id → the Unix millisecond up to which that driver's tokens are refused.
+CutoffSource = Callable[[], dict[str, int]]
+
+
+class DriverCutoffs:
+    """Per-driver "tokens valid after" times one process knows of ("log out everywhere",
+    account deletion). Refreshed from `source` when older than `max_age_s`, as `Revocations`
+    is: a cut-off set anywhere is seen here within that; one set by this process (`add`) at
+    once. When the source cannot be reached the last known times stay in force."""
+
+    def __init__(
+        self,
+        source: CutoffSource,
+        *,
+        max_age_s: float = REVOCATIONS_MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._fetched: dict[str, int] = {}
+        self._added: dict[str, int] = {}
+        self._checked_at: float | None = None
+        self._failing = False
+        self._lock = threading.Lock()
+
+    def add(self, driver_id: str, cutoff_ms: int) -> None:
+        with self._lock:
+            self._added[driver_id] = max(cutoff_ms, self._added.get(driver_id, 0))
+
+    def cutoff(self, driver_id: str) -> int | None:
+        self._refresh()
+        with self._lock:
+            known = [c for c in (self._fetched.get(driver_id), self._added.get(driver_id)) if c]
+        return max(known) if known else None
+
+    def _stale(self) -> bool:
+        return self._checked_at is None or self._clock() - self._checked_at >= self._max_age_s
+
+    def _refresh(self) -> None:
+        if not self._stale():
+            return
+        with self._lock:
+            if not self._stale():
+                return
+            try:
+                fetched = self._source()
+            except Exception as exc:  # any failure: keep what we know
+                if not self._failing:
+                    log.warning("auth.driver_cutoffs_unavailable", error=repr(exc)[:300])
+                    self._failing = True
+            else:
+                if self._failing:
+                    log.info("auth.driver_cutoffs_available")
+                    self._failing = False
+                self._fetched = fetched
+            self._checked_at = self._clock()
+
+
+def billing_cutoffs(billing_url: str, secret: str) -> CutoffSource:
+    """Fetches drivers' token cut-offs from billing's internal API (services other than it)."""
+    client = httpx.Client(
+        base_url=billing_url.rstrip("/"),
+        timeout=REVOCATIONS_FETCH_TIMEOUT_S,
+        headers={INTERNAL_HEADER: internal_token(secret)},
+    )
+
+    def fetch() -> dict[str, int]:
+        answer = client.get(DRIVER_CUTOFFS_PATH)
+        answer.raise_for_status()
+        return {str(item["driver_id"]): int(item["cutoff_ms"]) for item in answer.json()["cutoffs"]}
 
     return fetch
 

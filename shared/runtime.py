@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import sessionmaker as SessionFactory  # not shadowed by the properties
 
-from shared.auth import Revocations, gateway_revocations
+from shared.auth import DriverCutoffs, Revocations, billing_cutoffs, gateway_revocations
 from shared.bus.port import EventBus
 from shared.db import make_engine, make_sessionmaker, read_only_sessionmaker
 from shared.internal import InternalClient
@@ -87,6 +87,12 @@ class Runtime:
         """Revoked admin tokens, asked of the gateway; a process that serves the gateway
         replaces this with its own table (services/gateway/main.py)."""
         return Revocations(gateway_revocations(self.settings.gateway_url, self.secret))
+
+    @cached_property
+    def driver_cutoffs(self) -> DriverCutoffs:
+        """Drivers' token cut-offs, asked of billing; a process that serves billing replaces
+        this with its own table (services/billing/main.py)."""
+        return DriverCutoffs(billing_cutoffs(self.settings.billing_url, self.secret))
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,36 @@ class Settings(KafkaAuth):  # the Kafka client's credentials come from KafkaAuth
     arrears_limit_fen: int = 20_000
     # How often billing looks for drivers whose arrears just passed the grace period.
     arrears_sweep_interval_s: float = 60.0
+
+    # Retention (docs/privacy.md, "Retention"): how long each kind of record is kept, in days.
+    # Each service purges what it owns on its own schedule; `citypark privacy purge` runs it all.
+    retention_raw_events_days: int = Field(
+        30, ge=1, description="Bus events already delivered, inbox marks and dead letters."
+    )
+    retention_session_plates_days: int = Field(
+        180,
+        ge=1,
+        description="After this, a closed parking's plate is replaced by its pseudonym and its "
+        "driver link dropped.",
+    )
+    retention_signin_days: int = Field(
+        1, ge=1, description="Sign-in and phone-change codes, and the sandbox SMS outbox."
+    )
+    retention_notifications_days: int = Field(
+        180, ge=1, description="Notifications to drivers and their deliveries."
+    )
+    retention_money_years: int = Field(
+        10,
+        ge=10,
+        description="Charges, refunds, invoices and the ledger (accounting rules); never purged "
+        "before this, anonymised when their driver is deleted.",
+    )
+    retention_interval_s: float = Field(
+        3600.0, gt=0, description="How often each service runs its retention purge."
+    )
+    retention_batch_size: int = Field(
+        500, ge=1, description="Rows one purge transaction touches at most."
+    )
     # Threads sending charges to the provider (PostgreSQL; SQLite keeps one). Each mostly waits
     # for the provider, so charges/s ≈ workers / provider latency.
     billing_charge_workers: int = Field(8, ge=1, le=64)

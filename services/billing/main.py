@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.billing import consumers, endpoints
+from fastapi import FastAPI
+
+from services.billing import consumers, endpoints, retention
 from services.billing.driver import gate_endpoints
 from services.billing.invoice import endpoints as invoice_endpoints
 from services.billing.merchant import endpoints as merchant_endpoints
@@ -13,13 +15,16 @@ from services.billing.provider import endpoints as provider_endpoints
 from services.billing.provider.sandbox import SandboxProvider
 from services.billing.reconciliation import endpoints as reconciliation_endpoints
 from services.billing.refund import endpoints as refund_endpoints
+from services.billing.rights import endpoints as rights_endpoints
+from services.billing.rights import service as rights
 from services.billing.settlement import endpoints as settlement_endpoints
 from services.billing.signin import endpoints as signin_endpoints
 from services.billing.stuck import endpoints as stuck_endpoints
 from services.billing.vehicle import endpoints as vehicle_endpoints
 from services.billing.vehicle.registry import HttpVehicleRegistry
+from shared.auth import DriverCutoffs
 from shared.keys import Purpose, derive_hex
-from shared.runtime import Migrations, Part, Runtime
+from shared.runtime import Migrations, Part, Runtime, Worker
 from shared.settings import Settings
 
 
@@ -51,6 +56,16 @@ def _plug_providers(rt: Runtime) -> None:
         )
 
 
+def _on_app(app: FastAPI, rt: Runtime) -> None:
+    # The process serving billing reads drivers' token cut-offs from its own table instead of
+    # asking itself over HTTP; a cut-off set here takes effect in this process at once.
+    rt.driver_cutoffs = DriverCutoffs(rights.table_cutoffs(rt.read_sessionmaker, rt.settings))
+
+
+def _workers(rt: Runtime) -> list[Worker]:
+    return [*consumers.workers(rt), retention.worker(rt)]
+
+
 part = Part(
     name="billing",
     routers=[
@@ -72,8 +87,11 @@ part = Part(
         notification_endpoints.me,
         vehicle_endpoints.me,
         vehicle_endpoints.internal,
+        rights_endpoints.me,
+        rights_endpoints.internal,
     ],
-    workers=consumers.workers,
+    workers=_workers,
+    on_app=_on_app,
     migrations=Migrations(Path(__file__).parent / "migrations", "alembic_version_billing"),
     on_startup=_plug_providers,
 )

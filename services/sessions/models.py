@@ -49,6 +49,8 @@ class ParkingSession(Base):
     exit_lane: Mapped[str | None] = mapped_column(String(40), default=None)
     decision: Mapped[str | None] = mapped_column(String(16), default=None)
     reason: Mapped[str | None] = mapped_column(String(40), default=None)
+    # When the plate became its pseudonym and the driver link went (retention, erasure).
+    pseudonymised_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

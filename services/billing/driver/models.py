@@ -26,6 +26,10 @@ class Driver(Base):
     # The post-pay state last published, so the periodic arrears check only speaks on change.
     postpay_published: Mapped[str | None] = mapped_column(String(12), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Every token of the driver issued up to this time is refused (log out everywhere, deletion).
+    tokens_valid_after: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    # Personal data erased at the driver's request; the row stays as the money records' anchor.
+    erased_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class OtpChallenge(Base):

@@ -71,7 +71,7 @@ def notify(
 ) -> Notification | None:
     """Record a notification and queue its deliveries; None when muted or already made."""
     driver = db.get(Driver, driver_id)
-    if driver is None:
+    if driver is None or driver.erased_at is not None:  # an erased driver has no one to tell
         return None
     if kind in muted_kinds(db, driver_id):
         log.info("notification.muted", driver_id=driver_id, kind=str(kind))
