@@ -21,10 +21,12 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    MetaData,
     String,
     Text,
     TypeDecorator,
     event,
+    func,
     inspect,
     select,
     tuple_,
@@ -40,6 +42,8 @@ from shared.settings import Settings, get_settings
 ENCRYPTED_LENGTH = 255
 INDEX_LENGTH = 32
 _SETTINGS_ATTR = "citypark_data_settings"
+# (table, encrypted column) → kind of its blind index, as `keep_blind_index` registered them.
+INDEXED: dict[tuple[str, str], str] = {}
 
 
 def bind_data_keys(engine: Engine, settings: Settings) -> Engine:
@@ -110,6 +114,7 @@ class EncryptedText(Encrypted):
 def keep_blind_index(model: type, field: str, kind: str) -> None:
     """Keep `<field>_bidx` the blind index of `<field>` on every ORM insert and update."""
     index_field = f"{field}_bidx"
+    INDEXED[(model.__table__.name, field)] = kind  # type: ignore[attr-defined]
 
     def set_index(_mapper: Any, connection: Connection, target: Any) -> None:
         value = getattr(target, field)
@@ -202,17 +207,37 @@ def convert_table(
                 if patch:
                     changed += 1
                     if not dry_run:
+                        # Only if no one changed the row meanwhile (services keep running):
+                        # a value written since is already under the current keys.
                         here = tuple(row[k] for k in t.keys)
-                        conn.execute(update(raw).where(key == here).values(**patch))
+                        same = [
+                            raw.c[c.name].is_(None)
+                            if row[c.name] is None
+                            else raw.c[c.name] == row[c.name]
+                            for c in t.columns
+                        ]
+                        conn.execute(update(raw).where(key == here, *same).values(**patch))
             after = tuple(rows[-1][k] for k in t.keys)
         if progress is not None:
             progress(len(rows))
 
 
 def count_rows(conn: Connection, t: PiiTable) -> int:
-    from sqlalchemy import func
-
     return int(conn.scalar(select(func.count()).select_from(table(t.name))) or 0)
+
+
+def pii_tables(metadata: MetaData) -> list[PiiTable]:
+    """Every table of `metadata` with encrypted columns, as the models declare them."""
+    found = []
+    for t in metadata.sorted_tables:
+        cols = tuple(
+            PiiColumn(c.name, INDEXED.get((t.name, c.name)))
+            for c in t.columns
+            if isinstance(c.type, Encrypted)
+        )
+        if cols:
+            found.append(PiiTable(t.name, tuple(c.name for c in t.primary_key.columns), cols))
+    return found
 
 
 def encrypt_in_migration(conn: Connection, tables: Iterable[PiiTable]) -> None:
