@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from shared import audit
 from shared.auth import Admin, Role, ViewerAuth
 from shared.errors import problem
-from shared.http import problem_responses
+from shared.http import answers
 from shared.plates import PROVINCES
 from shared.plates import mask_plate as _mask_plate
 
@@ -190,7 +190,9 @@ def _writing(request: Request) -> Iterator[Session]:
 
 UNMASK_DOC = "Show plates and phones in full (admins only, with a `reason`; audited)"
 REASON_DOC = "Why the unmasked look-up is needed (3–500 characters); kept in the audit log"
-UNMASK_RESPONSES = problem_responses(UnmaskedForbidden, ReasonRequired)
+# `staff_view` declares its problems itself (`answers`), so every route using it documents them;
+# this stays for routes that still merge it into their `responses=` (merging could drop theirs).
+UNMASK_RESPONSES: dict[int | str, dict[str, Any]] = {}
 
 
 def staff_view(
@@ -228,4 +230,4 @@ def staff_view(
             )
         return View(admin, unmasked=True)
 
-    return dependency
+    return answers(UnmaskedForbidden, ReasonRequired)(dependency)

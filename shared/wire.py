@@ -3,7 +3,8 @@
 Pydantic's lax mode reads `0` and `"0"` as 1970-01-01 and a midnight date-time as a date, while
 the schema says `format: date` / `format: date-time`. These types take only the written form
 (or a value already parsed); anything else is a 422 like any other schema violation.
-For numbers and booleans, `Field(strict=True)` does the same (no `0` for false, no `"1"` for 1).
+`JsonInt` takes a JSON number that is whole (`600` or `600.0`, as JSON Schema's `integer`) and
+no string or boolean; for booleans and other numbers `Field(strict=True)` does the same.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import re
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field
+from pydantic import AwareDatetime, BeforeValidator, Field
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 # RFC 3339; a missing offset is left to the endpoints that insist on one (their own code).
-_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?")
+_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:?\d{2})?")
 
 
 def _written(pattern: re.Pattern[str], parsed: type, what: str) -> Any:
@@ -30,12 +31,22 @@ def _written(pattern: re.Pattern[str], parsed: type, what: str) -> Any:
     return check
 
 
+def _json_number(value: Any) -> Any:
+    if isinstance(value, bool | str):  # lax mode would read "1" and true as 1
+        raise ValueError("expected a JSON number")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_number)]
 IsoDate = Annotated[date, BeforeValidator(_written(_DATE, date, "a date, YYYY-MM-DD"))]
-Instant = Annotated[
-    datetime,
-    BeforeValidator(
-        _written(_INSTANT, datetime, "an RFC 3339 date-time, e.g. 2026-01-31T08:00:00+08:00")
-    ),
+_instant = _written(_INSTANT, datetime, "an RFC 3339 date-time, e.g. 2026-01-31T08:00:00+08:00")
+Instant = Annotated[datetime, BeforeValidator(_instant)]
+AwareInstant = Annotated[AwareDatetime, BeforeValidator(_instant)]
+# A whole day or an instant (passes): each only in its written form.
+_DAY_OR_INSTANT = re.compile(f"{_DATE.pattern}|{_INSTANT.pattern}")
+DayOrInstant = Annotated[
+    AwareDatetime | date,
+    BeforeValidator(_written(_DAY_OR_INSTANT, date, "a date or an RFC 3339 date-time")),
 ]
 
 

@@ -55,6 +55,7 @@ from shared.masking import UNMASK_RESPONSES, View, staff_view
 from shared.signatures import PublicKeyInvalid
 from shared.tariff import QuoteInputInvalid
 from shared.timeutil import utcnow
+from shared.wire import Instant
 
 admin = APIRouter(prefix="/v1/admin", tags=["admin: registry"])
 public = APIRouter(tags=["driver: car parks"])
@@ -67,6 +68,11 @@ def _redis(request: Request) -> redis.Redis:
 
 Cache = Annotated[redis.Redis, Depends(_redis)]
 Limit = Annotated[int, Query(ge=1, le=200)]
+# `lat,lng` in decimal degrees within what the map indexes (±85° of latitude, ±180° of longitude).
+NEAR_PATTERN = (
+    r"^-?(85(\.0+)?|8[0-4](\.[0-9]+)?|[1-7]?[0-9](\.[0-9]+)?),"
+    r"-?(180(\.0+)?|1[0-7][0-9](\.[0-9]+)?|[1-9]?[0-9](\.[0-9]+)?)$"
+)
 # Staff reads: bank accounts for finance and admin only; the audit log's snapshots masked.
 OperatorView = Annotated[View, Depends(staff_view("lots", "operator", record=audit.record_entry))]
 AuditView = Annotated[View, Depends(staff_view("lots", "audit", record=audit.record_entry))]
@@ -312,7 +318,7 @@ def list_districts(db: DbSession, _: ViewerAuth) -> list[DistrictOut]:
     "/districts",
     status_code=status.HTTP_201_CREATED,
     response_model=DistrictOut,
-    responses=problem_responses(service.DistrictExists, service.DialectUnknown),
+    responses=problem_responses(service.DistrictExists, service.DialectUnknown, PublicKeyInvalid),
 )
 def create_district(data: DistrictCreate, db: DbSession, who: AdminAuth) -> DistrictOut:
     """Add a district platform (districts are data: no code change needed)."""
@@ -327,7 +333,9 @@ def create_district(data: DistrictCreate, db: DbSession, who: AdminAuth) -> Dist
     "/districts/{code}/keys",
     status_code=status.HTTP_201_CREATED,
     response_model=KeyOut,
-    responses=problem_responses(NotFound, service.KeyIdTaken, service.TooManyKeys),
+    responses=problem_responses(
+        NotFound, service.KeyIdTaken, service.TooManyKeys, PublicKeyInvalid
+    ),
 )
 def add_district_key(code: str, key: PublicKeyIn, db: DbSession, who: AdminAuth) -> KeyOut:
     """Register a district platform's public key (two may be active at once)."""
@@ -379,13 +387,13 @@ def list_audit(
     entity_id: Annotated[str | None, Query(max_length=200)] = None,
     actor: Annotated[str | None, Query(max_length=64, description="Admin token id")] = None,
     since: Annotated[
-        datetime | None, Query(alias="from", description="From this time on (with offset)")
+        Instant | None, Query(alias="from", description="From this time on (with offset)")
     ] = None,
     until: Annotated[
-        datetime | None, Query(alias="to", description="Before this time (with offset)")
+        Instant | None, Query(alias="to", description="Before this time (with offset)")
     ] = None,
     since_old: Annotated[
-        datetime | None, Query(alias="since", deprecated=True, description="Same as `from`")
+        Instant | None, Query(alias="since", deprecated=True, description="Same as `from`")
     ] = None,
     cursor: str | None = None,
     limit: Limit = 50,
@@ -427,7 +435,7 @@ def list_audit(
 def lots_near(
     db: DbSession,
     r: Cache,
-    near: Annotated[str, Query(examples=["31.3017,120.5853"])],
+    near: Annotated[str, Query(pattern=NEAR_PATTERN, examples=["31.3017,120.5853"])],
     radius_m: Annotated[int, Query(gt=0, le=50_000)] = 2000,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> list[LotNearby]:

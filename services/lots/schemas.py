@@ -3,7 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.wire import AwareInstant, JsonInt
 
 EXAMPLE_TARIFF: dict[str, Any] = {
     "time_zone": "Asia/Shanghai",
@@ -62,7 +64,7 @@ class Strict(BaseModel):
 
 class OperatorCreate(Strict):
     name: str = Field(min_length=1, max_length=200, examples=["苏州城市停车运营有限公司"])
-    commission_bps: int = Field(ge=0, le=10_000, strict=True, examples=[600])
+    commission_bps: JsonInt = Field(ge=0, le=10_000, examples=[600])
     settlement_account: str = Field(min_length=1, max_length=200, examples=["6222020200112233"])
 
 
@@ -93,7 +95,7 @@ class LotCreate(Strict):
     name: str = Field(min_length=1, max_length=200, examples=["观前街地下停车场"])
     district: str = Field(examples=["gusu"])
     operator_id: str
-    capacity: int = Field(gt=0, le=100_000, strict=True, examples=[420])
+    capacity: JsonInt = Field(gt=0, le=100_000, examples=[420])
     location: Location
     postpay_enabled: bool = Field(default=True, strict=True)
     public_keys: list[PublicKeyIn] = Field(default_factory=list, max_length=2)
@@ -106,7 +108,7 @@ class LotUpdate(Strict):
     # The defaults only mark "left out" (`exclude_unset`); an explicit null fails the type.
     name: str = Field(default=None, min_length=1, max_length=200)
     operator_id: str = Field(default=None)
-    capacity: int = Field(default=None, gt=0, le=100_000, strict=True)
+    capacity: JsonInt = Field(default=None, gt=0, le=100_000)
     location: Location = Field(default=None)
     postpay_enabled: bool = Field(default=None, strict=True)
 
@@ -153,7 +155,7 @@ class OperatorPage(BaseModel):
 
 
 class TariffUpdate(Strict):
-    effective_from: AwareDatetime | None = Field(
+    effective_from: AwareInstant | None = Field(
         default=None,
         description="When the version takes effect; now when left out. Never in the past.",
         examples=["2026-12-01T00:00:00+08:00"],
@@ -195,8 +197,8 @@ class DistrictOut(BaseModel):
 
 class QuoteRequest(Strict):
     lot_id: str
-    entered_at: AwareDatetime = Field(examples=["2026-11-25T08:10:00+08:00"])
-    exited_at: AwareDatetime = Field(examples=["2026-11-25T10:45:00+08:00"])
+    entered_at: AwareInstant = Field(examples=["2026-11-25T08:10:00+08:00"])
+    exited_at: AwareInstant = Field(examples=["2026-11-25T10:45:00+08:00"])
     vehicle_type: str = Field(default="small", examples=["small"])
     plate_color: str = Field(default="blue", examples=["blue"])
     # With a plate, the vehicle's passes at the lot make their units free (SPEC §10).
@@ -224,8 +226,8 @@ class LotNearby(BaseModel):
 
 
 class HeartbeatIn(Strict):
-    free_spaces: int = Field(ge=0)
-    total_spaces: int = Field(ge=0)
+    free_spaces: JsonInt = Field(ge=0)
+    total_spaces: JsonInt = Field(ge=0)
     sdk_version: str = Field(max_length=40)
 
 

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import problem
 from shared.events import Decision
+from shared.wire import AwareInstant, DayOrInstant, JsonInt
 
 OfflineDecisionInvalid = problem(
     422, "offline_decision_invalid", "offline_decision.decided_at is outside the accepted window"
@@ -23,7 +24,7 @@ class EntryIn(Strict):
     plate: str = Field(max_length=32, examples=["苏E12345"])
     plate_color: str = Field(examples=["blue"])
     vehicle_type: Literal["small", "large"] = "small"
-    occurred_at: AwareDatetime = Field(examples=["2026-11-25T08:10:00+08:00"])
+    occurred_at: AwareInstant = Field(examples=["2026-11-25T08:10:00+08:00"])
     lane: str = Field(default="", max_length=40, examples=["E1"])
 
 
@@ -43,15 +44,15 @@ class OfflineDecisionIn(Strict):
     # The connector's own reason (`enrolled`, `not_eligible`, `offline_snapshot_stale`, ...).
     reason: str | None = Field(default=None, max_length=40, examples=["enrolled"])
     # `version` of the snapshot it decided from; null when it had none.
-    eligibility_version: int | None = Field(default=None, ge=0, examples=[4182])
-    decided_at: AwareDatetime = Field(examples=["2026-11-25T10:45:00.412+08:00"])
+    eligibility_version: JsonInt | None = Field(default=None, ge=0, examples=[4182])
+    decided_at: AwareInstant = Field(examples=["2026-11-25T10:45:00.412+08:00"])
 
 
 class ExitIn(Strict):
     event_id: UUID
     plate: str = Field(max_length=32, examples=["苏E12345"])
     plate_color: str = Field(examples=["blue"])
-    occurred_at: AwareDatetime = Field(examples=["2026-11-25T10:45:00+08:00"])
+    occurred_at: AwareInstant = Field(examples=["2026-11-25T10:45:00+08:00"])
     lane: str = Field(default="", max_length=40, examples=["X1"])
     offline_decision: OfflineDecisionIn | None = Field(
         default=None,
@@ -107,8 +108,8 @@ class BatchOut(BaseModel):
 
 
 class HeartbeatIn(Strict):
-    free_spaces: int = Field(ge=0)
-    total_spaces: int = Field(ge=0)
+    free_spaces: JsonInt = Field(ge=0)
+    total_spaces: JsonInt = Field(ge=0)
     sdk_version: str = Field(max_length=40)
 
 
@@ -128,8 +129,8 @@ class PassIn(Strict):
     plate: str = Field(max_length=32, examples=["苏E12345"])
     plate_color: str = Field(examples=["blue"])
     kind: Literal["monthly", "whitelist"]
-    valid_from: AwareDatetime | date = Field(examples=["2026-11-01"])
-    valid_to: AwareDatetime | date = Field(examples=["2026-11-30"])
+    valid_from: DayOrInstant = Field(examples=["2026-11-01"])
+    valid_to: DayOrInstant = Field(examples=["2026-11-30"])
     window: PassWindow | None = None
 
 

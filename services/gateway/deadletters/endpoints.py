@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from services.gateway.deadletters.schemas import (
     DeadLettersOut,
@@ -89,7 +89,11 @@ def list_dead_letters(
     response_model=DeadLetterOut,
     responses=problem_responses(DeadLetterUnknown, DeadLetterNotReplayable, UpstreamUnavailable),
 )
-def replay_dead_letter(dead_letter_id: int, admin: AdminAuth, request: Request) -> DeadLetterOut:
+def replay_dead_letter(
+    dead_letter_id: Annotated[int, Path(ge=1, le=2**63 - 1)],  # a 64-bit row id
+    admin: AdminAuth,
+    request: Request,
+) -> DeadLetterOut:
     """Publish the event again to its topic; only the consumer that set it aside applies it
     (the others skip it by its id)."""
     rt = _rt(request)
@@ -144,7 +148,13 @@ def replay_all(data: ReplayAllIn, admin: AdminAuth, request: Request) -> ReplayA
     status_code=204,
     responses=problem_responses(NotFound, UpstreamUnavailable),
 )
-def replay_parked(kind: ParkedKind, item_id: str, admin: AdminAuth, request: Request) -> None:
+def replay_parked(
+    kind: ParkedKind,
+    # An id as billing issues them; it goes into billing's URL, so nothing else gets through.
+    item_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+    admin: AdminAuth,
+    request: Request,
+) -> None:
     """Put one parked charge, refund or notification back in its queue (a charge or refund
     is asked about at the provider before anything is sent again)."""
     rt = _rt(request)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime
 
 from services.gateway.offline import service
 from services.gateway.offline.schemas import OfflineClaimOut
 from shared.deps import DbSession
 from shared.masking import UNMASK_RESPONSES, View, staff_view
+from shared.wire import AwareInstant
 
 router = APIRouter(prefix="/v1/admin", tags=["admin: gates"])
 
@@ -20,7 +20,7 @@ def list_claims(
     view: Annotated[View, Depends(staff_view("gateway", "offline_claim"))],
     db: DbSession,
     lot_id: str | None = None,
-    since: AwareDatetime | None = None,
+    since: AwareInstant | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> list[OfflineClaimOut]:
     """Offline gate decisions the city did not take as stated, newest first: an offline
