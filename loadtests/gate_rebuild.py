@@ -47,6 +47,7 @@ def _seed(settings: Settings, vehicles: int, sessions: int) -> float:
     from services.billing.driver.models import Driver
     from services.billing.vehicle.models import Vehicle
     from services.sessions.models import ParkingSession, SessionStatus
+    from shared.pii_columns import index_of
     from shared.runtime import Runtime
 
     rt = Runtime(settings, source="bench")
@@ -62,6 +63,7 @@ def _seed(settings: Settings, vehicles: int, sessions: int) -> float:
                     {
                         "id": d,
                         "phone": f"1{start + i:010}",
+                        "phone_bidx": index_of(settings, "phone", f"1{start + i:010}"),
                         "state_version": 3,
                         "postpay_published": "active" if (start + i) % 10 else "suspended",
                     }
@@ -70,10 +72,7 @@ def _seed(settings: Settings, vehicles: int, sessions: int) -> float:
             )
             db.execute(
                 insert(Vehicle),
-                [
-                    proven_row(d, f"苏E{start + i:06}")
-                    for i, d in enumerate(ids)
-                ],
+                [proven_row(d, f"苏E{start + i:06}", settings=settings) for i, d in enumerate(ids)],
             )
         for start in range(0, sessions, chunk):
             db.execute(
@@ -86,6 +85,7 @@ def _seed(settings: Settings, vehicles: int, sessions: int) -> float:
                         "district": "gusu",
                         "operator_id": "op",
                         "plate": f"苏E{i:06}",
+                        "plate_bidx": index_of(settings, "plate", f"苏E{i:06}"),
                         "plate_color": "blue",
                         "vehicle_type": "small",
                         "status": SessionStatus.open,

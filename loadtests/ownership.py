@@ -102,8 +102,13 @@ def backdate_verification(
         db.execute(update(Vehicle).where(Vehicle.id == vehicle_id).values(verified_at=verified_at))
 
 
-def proven_row(driver_id: str, plate: str, plate_color: str = "blue") -> dict[str, Any]:
-    """A billing vehicle row, verified long ago, for seeding with `insert(Vehicle)`."""
+def proven_row(
+    driver_id: str, plate: str, plate_color: str = "blue", *, settings: Any = None
+) -> dict[str, Any]:
+    """A billing vehicle row, verified long ago, for seeding with `insert(Vehicle)`. Core
+    inserts bypass the ORM's blind indexing: `settings` (the data keys) give the plate's."""
+    from shared.pii_columns import index_of
+
     return {
         "id": str(uuid.uuid4()),
         "driver_id": driver_id,
@@ -111,6 +116,7 @@ def proven_row(driver_id: str, plate: str, plate_color: str = "blue") -> dict[st
         "plate_color": plate_color,
         "status": "verified",
         "verified_at": PROVEN_LONG_AGO,
+        **({"plate_bidx": index_of(settings, "plate", plate)} if settings is not None else {}),
     }
 
 

@@ -39,6 +39,7 @@ from services.lots.main import part as lots
 from services.sessions.main import part as sessions
 from services.sessions.models import ParkingSession, SessionStatus
 from shared.events import PostpayStatus
+from shared.pii_columns import index_of
 from shared.runtime import Runtime
 from shared.settings import BusKind, CacheKind, Settings
 from tests.conftest import Infra, scratch_database
@@ -282,6 +283,7 @@ def test_citypark_gate_rebuild(server: Server, gsettings: Settings) -> None:
                 {
                     "id": d,
                     "phone": f"17{i:09}",
+                    "phone_bidx": index_of(gsettings, "phone", f"17{i:09}"),
                     "state_version": 1,
                     "postpay_published": PostpayStatus.active.value,
                 }
@@ -290,10 +292,7 @@ def test_citypark_gate_rebuild(server: Server, gsettings: Settings) -> None:
         )
         db.execute(
             insert(Vehicle),
-            [
-                proven_row(d, f"沪C{i:05}")
-                for i, d in enumerate(ids)
-            ],
+            [proven_row(d, f"沪C{i:05}", settings=gsettings) for i, d in enumerate(ids)],
         )
     env = {
         **os.environ,
