@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.deadletters_cli import app as deadletters_app
 from services.gateway.gate.cli import app as gate_app
 from services.keys_cli import app as keys_app
-from services.keys_cli import app as keys_app
 from shared.auth import Role
 from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
@@ -31,7 +30,6 @@ districts_app = typer.Typer(help="District platforms: backfill.", no_args_is_hel
 app.add_typer(districts_app, name="districts")
 app.add_typer(gate_app, name="gate")
 app.add_typer(deadletters_app, name="deadletters")
-app.add_typer(keys_app, name="keys")
 app.add_typer(keys_app, name="keys")
 privacy_app = typer.Typer(help="Personal data: retention.", no_args_is_help=True)
 app.add_typer(privacy_app, name="privacy")
