@@ -28,6 +28,7 @@ from shared.auth import (
     INTERNAL_HEADER,
     ISSUER,
     DriverAuth,
+    DriverCutoffs,
     InternalAuth,
     Revocations,
     Role,
@@ -100,7 +101,10 @@ def test_each_purpose_has_its_own_key() -> None:
 def _app(s: Settings, revoked: dict[str, float] | None = None) -> TestClient:
     app = make_app("auth", "")
     app.state.settings = s
-    app.state.runtime = SimpleNamespace(revocations=Revocations(lambda: dict(revoked or {})))
+    app.state.runtime = SimpleNamespace(
+        revocations=Revocations(lambda: dict(revoked or {})),
+        driver_cutoffs=DriverCutoffs(lambda: {}),
+    )
 
     @app.get("/admin")
     def admin(who: ViewerAuth) -> dict[str, str]:
