@@ -16,8 +16,11 @@ from typing import Annotated, Any
 from pydantic import AwareDatetime, BeforeValidator, Field
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-# RFC 3339; a missing offset is left to the endpoints that insist on one (their own code).
-_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:?\d{2})?")
+# RFC 3339, read as leniently as before for what connectors already send (no seconds, +0800);
+# a missing offset is left to the endpoints that insist on one (with their own code).
+_INSTANT = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}:?\d{2})?"
+)
 
 
 def _written(pattern: re.Pattern[str], parsed: type, what: str) -> Any:
