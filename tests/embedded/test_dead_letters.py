@@ -75,7 +75,7 @@ def test_a_bug_sets_one_parking_aside_and_a_replay_bills_it_once(
     _, pem = onboard_lot(client, admin, code="DL-1", district="gusu", tariff=EXAMPLE_TARIFF)
     me = _driver(client, admin, "13800000071", "苏E71771")
     rt = client.app.state.runtime  # type: ignore[attr-defined]
-    wait_for(lambda: gate_state.driver_of(rt.redis, "苏E71771", "blue"))
+    wait_for(lambda: gate_state.driver_of(rt.redis, rt.settings, "苏E71771", "blue"))
     connector = ConnectorClient(
         "dl-1", pem, base_url="http://testserver", transport=client._transport
     )

@@ -114,7 +114,7 @@ def test_whole_flow_on_the_embedded_default(client: TestClient, tmp_path: Path) 
     assert client.get("/v1/me", headers=me).json()["postpay"] == "active"
     rt = client.app.state.runtime  # type: ignore[attr-defined]
     # The gate learns it from the account event, through the log, within moments.
-    wait_for(lambda: gate_state.driver_of(rt.redis, "苏E55555", "blue"))
+    wait_for(lambda: gate_state.driver_of(rt.redis, rt.settings, "苏E55555", "blue"))
     # Yesterday 09:00–10:01 in Suzhou: the day period, first hour + one half hour.
     now = (datetime.now(SHANGHAI) - timedelta(days=1)).replace(
         hour=10, minute=1, second=0, microsecond=0

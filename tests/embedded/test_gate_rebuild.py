@@ -104,7 +104,9 @@ def enrol(city: City, phone: str, plate: str) -> None:
 
 
 def gate_says(city: City, plate: str) -> gate_state.GateAnswer:
-    return gate_state.decide(city.rt.redis, plate=plate, color="blue", postpay_enabled=True)
+    return gate_state.decide(
+        city.rt.redis, city.rt.settings, plate=plate, color="blue", postpay_enabled=True
+    )
 
 
 def test_redis_losing_its_data_under_the_running_city(city: City) -> None:
@@ -115,7 +117,7 @@ def test_redis_losing_its_data_under_the_running_city(city: City) -> None:
     before = signed(city, "/v1/connector/entries", body)
     assert send(city, before).status_code == 202
     session_id = session_id_for(city.lot_id, body["event_id"])
-    open_key = gate_state.open_key(city.lot_id, PLATE, "blue")
+    open_key = gate_state.open_key(city.rt.settings, city.lot_id, PLATE, "blue")
     wait_for(
         lambda: city.client.get(
             "/v1/admin/sessions",
@@ -153,7 +155,10 @@ def test_redis_losing_its_data_under_the_running_city(city: City) -> None:
     assert int(marker["lost_at"]) == lost_at
     assert gate_says(city, PLATE).decision == "postpay"
     assert city.rt.redis.get(open_key) == session_id
-    assert gate_state.entered_at(city.rt.redis, city.lot_id, PLATE, "blue") is not None
+    assert (
+        gate_state.entered_at(city.rt.redis, city.rt.settings, city.lot_id, PLATE, "blue")
+        is not None
+    )
 
 
 def test_an_account_event_that_cannot_apply_is_kept_as_a_dead_letter(city: City) -> None:

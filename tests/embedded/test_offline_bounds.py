@@ -76,7 +76,7 @@ def gate_driver(
     account = AccountUpdated(
         driver_id=driver_id, version=version, postpay=postpay, vehicles=vehicles
     )
-    assert gate_state.apply_account(city.rt.redis, account)
+    assert gate_state.apply_account(city.rt.redis, city.rt.settings, account)
     return driver_id
 
 

@@ -100,7 +100,7 @@ def gate_driver(
     account = AccountUpdated(
         driver_id=driver_id, version=version, postpay=postpay, vehicles=vehicles
     )
-    assert gate_state.apply_account(city.rt.redis, account)
+    assert gate_state.apply_account(city.rt.redis, city.rt.settings, account)
     return driver_id
 
 
@@ -232,7 +232,9 @@ def test_offline_postpay_is_charged_to_a_driver_suspended_since(city: City) -> N
     redis = city.rt.redis
 
     def gate_says() -> gate_state.GateAnswer:
-        return gate_state.decide(redis, plate=car, color="blue", postpay_enabled=True)
+        return gate_state.decide(
+            redis, city.rt.settings, plate=car, color="blue", postpay_enabled=True
+        )
 
     wait_for(lambda: gate_says().decision == "postpay")
     version = served_now(city)
@@ -325,7 +327,7 @@ def test_offline_postpay_for_a_vehicle_nobody_owns_keeps_the_promise_on_the_even
     account = AccountUpdated(
         driver_id=driver_id, version=2, postpay=PostpayStatus.active, vehicles=[]
     )
-    assert gate_state.apply_account(city.rt.redis, account)
+    assert gate_state.apply_account(city.rt.redis, city.rt.settings, account)
     promise = offline("postpay", eligibility_version=version, decided_at=cut_off(city))
     body = exit_body(car, offline_decision=promise)
 

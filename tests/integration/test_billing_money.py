@@ -883,7 +883,7 @@ def gate_redis(cfg: Settings) -> Iterator[redis.Redis]:
 def _to_gate(
     factory: sessionmaker[Session],
     bus: KafkaBus,
-    bootstrap: str,
+    settings: Settings,
     topic: str,
     group: str,
     r: redis.Redis,
@@ -915,13 +915,13 @@ def _to_gate(
     )
 
     def handle(message: Any) -> None:
-        data = AccountUpdated.model_validate(message.event.data)
-        apply_account(r, data)
+        data = AccountUpdated.opened(settings, message.event.data)
+        apply_account(r, settings, data)
         if data.driver_id == driver_id and data.version >= wanted:
             stop.set()
 
     # The loop closes its subscription when it stops; the group's offsets carry on.
-    sub = KafkaSubscription(bootstrap, group, [topic])
+    sub = KafkaSubscription(settings.kafka_bootstrap, group, [topic])
     loop = ConsumerLoop("gate-test", sub, handle, stop=stop)
     threading.Timer(20, stop.set).start()
     loop.run()
@@ -945,16 +945,16 @@ def test_suspension_reaches_the_gate_and_clearing_lifts_it(
     try:
         with factory() as db, db.begin():
             drivers.publish_account_state(db, cfg, drivers.get_driver(db, driver))
-        _to_gate(factory, bus, cfg.kafka_bootstrap, topic, sub, gate_redis, driver)
+        _to_gate(factory, bus, cfg, topic, sub, gate_redis, driver)
         assert (
-            decide(gate_redis, plate=plate, color="blue", postpay_enabled=True).decision
+            decide(gate_redis, cfg, plate=plate, color="blue", postpay_enabled=True).decision
             == Decision.postpay
         )
 
         big = new_charge(factory, driver, cfg.arrears_limit_fen + 1)
         assert step(factory, cfg, rt, big).status == ChargeStatus.declined
-        _to_gate(factory, bus, cfg.kafka_bootstrap, topic, sub, gate_redis, driver)
-        answer = decide(gate_redis, plate=plate, color="blue", postpay_enabled=True)
+        _to_gate(factory, bus, cfg, topic, sub, gate_redis, driver)
+        answer = decide(gate_redis, cfg, plate=plate, color="blue", postpay_enabled=True)
         assert (answer.decision, answer.reason) == (Decision.pay_on_site, "suspended_arrears")
 
         search = billing.get(
@@ -972,9 +972,9 @@ def test_suspension_reaches_the_gate_and_clearing_lifts_it(
         paid = billing.post("/v1/me/arrears/payments", headers=as_driver(rt, driver))
         assert paid.status_code == 202
         assert step(factory, cfg, rt, big).status == ChargeStatus.captured
-        _to_gate(factory, bus, cfg.kafka_bootstrap, topic, sub, gate_redis, driver)
+        _to_gate(factory, bus, cfg, topic, sub, gate_redis, driver)
         assert (
-            decide(gate_redis, plate=plate, color="blue", postpay_enabled=True).decision
+            decide(gate_redis, cfg, plate=plate, color="blue", postpay_enabled=True).decision
             == Decision.postpay
         )
         assert journals(factory, "arrears_opened", big) == 1
@@ -987,9 +987,9 @@ def test_suspension_reaches_the_gate_and_clearing_lifts_it(
         old = new_charge(factory, driver, 300)
         step(factory, cfg, rt, old)  # declined, small and fresh: still post-pay, ...
         # ... so the gate is told nothing new
-        assert _to_gate(factory, bus, cfg.kafka_bootstrap, topic, sub, gate_redis, driver) == 0
+        assert _to_gate(factory, bus, cfg, topic, sub, gate_redis, driver) == 0
         assert (
-            decide(gate_redis, plate=plate, color="blue", postpay_enabled=True).decision
+            decide(gate_redis, cfg, plate=plate, color="blue", postpay_enabled=True).decision
             == Decision.postpay
         )
         with factory() as db, db.begin():  # ... until the grace period passes
@@ -999,8 +999,8 @@ def test_suspension_reaches_the_gate_and_clearing_lifts_it(
             assert charges.sweep_arrears(db, cfg) >= 1
         with factory() as db, db.begin():
             assert charges.sweep_arrears(db, cfg) == 0  # said once
-        _to_gate(factory, bus, cfg.kafka_bootstrap, topic, sub, gate_redis, driver)
-        answer = decide(gate_redis, plate=plate, color="blue", postpay_enabled=True)
+        _to_gate(factory, bus, cfg, topic, sub, gate_redis, driver)
+        answer = decide(gate_redis, cfg, plate=plate, color="blue", postpay_enabled=True)
         assert (answer.decision, answer.reason) == (Decision.pay_on_site, "suspended_arrears")
     finally:
         bus.close()

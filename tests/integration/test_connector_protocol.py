@@ -19,6 +19,7 @@ from services.gateway.connector.auth import KEY_CACHE_S
 from services.gateway.connector.eligibility import Kdf
 from services.gateway.gate import state
 from services.lots.models import Lot as LotRow
+from shared import pii
 from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.topics import lot_events
@@ -277,7 +278,8 @@ def test_occurred_at_window_and_batch_results(gw: Gateway, lot: Lot) -> None:
 
 
 def test_eligibility_snapshot_with_etag(gw: Gateway, rt: Runtime, lot: Lot, district: str) -> None:
-    rt.redis.sadd(f"{state.P}eligible", state.vehicle_key("苏E12345", "blue"))
+    sealed = pii.encrypt(rt.settings, state.vehicle_key("苏E12345", "blue"))
+    rt.redis.hset(state.ELIGIBLE, state.ref(rt.settings, "苏E12345", "blue"), sealed)
     rt.redis.incr(f"{state.P}eligible:version")
     first = send(signed(gw, lot.key.key_id, lot.key.private_pem, path="/v1/connector/eligibility"))
     assert first.status_code == 200

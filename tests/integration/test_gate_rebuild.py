@@ -167,7 +167,7 @@ def enrol(server: Server, phone: str, plate: str) -> None:
 
 def says(server: Server, plate: str) -> str:
     return gate_state.decide(
-        server.rt.redis, plate=plate, color="blue", postpay_enabled=True
+        server.rt.redis, server.rt.settings, plate=plate, color="blue", postpay_enabled=True
     ).reason
 
 
@@ -233,7 +233,9 @@ def test_a_flushed_redis_under_the_running_gateway_is_rebuilt_within_seconds(
     took = time.monotonic() - lost
     assert took < 10, f"rebuilt only after {took:.1f} s"
     assert says(server, "苏E4R461") == "enrolled"
-    assert server.rt.redis.get(gate_state.open_key(lot.lot_id, "苏E4R461", "blue"))
+    assert server.rt.redis.get(
+        gate_state.open_key(server.rt.settings, lot.lot_id, "苏E4R461", "blue")
+    )
     print(f"\ngate state back {took:.2f} s after the flush ({marker})")  # noqa: T201
 
     refused = send(before)

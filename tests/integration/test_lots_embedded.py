@@ -95,7 +95,7 @@ def test_map_figures_and_prices_on_the_embedded_default(client: TestClient) -> N
         "/v1/me/account", headers=me, json={"provider": "sandbox", "agreement_no": agreement}
     )
     add_verified_vehicle(client, me, "苏E77777")
-    eventually(lambda: gate_state.driver_of(rt.redis, "苏E77777", "blue"))
+    eventually(lambda: gate_state.driver_of(rt.redis, rt.settings, "苏E77777", "blue"))
 
     entered = datetime.now(SHANGHAI).replace(microsecond=0) - timedelta(hours=3, minutes=7)
     connector.report_entry(

@@ -113,6 +113,7 @@ def enrol(rt: Runtime, plate: str) -> str:
     driver_id = str(uuid.uuid4())
     state.apply_account(
         rt.redis,
+        rt.settings,
         AccountUpdated(
             driver_id=driver_id,
             version=1,

@@ -188,7 +188,9 @@ def seen_by(city: City, me: dict[str, str]) -> list[str]:
 
 
 def gate_says(city: City, plate: str) -> gate_state.GateAnswer:
-    return gate_state.decide(city.rt.redis, plate=plate, color="blue", postpay_enabled=True)
+    return gate_state.decide(
+        city.rt.redis, city.rt.settings, plate=plate, color="blue", postpay_enabled=True
+    )
 
 
 def notifications(city: City, me: dict[str, str]) -> list[dict[str, Any]]:

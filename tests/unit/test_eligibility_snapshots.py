@@ -46,7 +46,7 @@ def driver(rt: Any, driver_id: str, version: int, postpay: PostpayStatus, *plate
     account = AccountUpdated(
         driver_id=driver_id, version=version, postpay=postpay, vehicles=vehicles
     )
-    assert state.apply_account(rt.redis, account)
+    assert state.apply_account(rt.redis, rt.settings, account)
 
 
 def test_the_snapshot_lists_the_vehicle_only_salted_and_per_lot(rt: Any) -> None:

@@ -20,6 +20,9 @@ from shared.internal import InternalClient
 from shared.runtime import Runtime
 from shared.settings import Settings
 
+# The data keys billing seals the plates with (the gateway's own settings, as in a city).
+KEYS = Settings(jwt_secret=SecretStr("unit-secret-0123456789abcdefghij"))
+
 
 @pytest.fixture
 def r() -> fakeredis.FakeRedis:
@@ -38,7 +41,7 @@ def account(driver: str, version: int, postpay: PostpayStatus, *plates: str) -> 
 def test_a_snapshot_never_undoes_an_event_that_lands_while_it_is_written(
     r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    state.apply_account(r, account("d1", 1, PostpayStatus.active, "苏E11111"))
+    state.apply_account(r, KEYS, account("d1", 1, PostpayStatus.active, "苏E11111"))
     original = redis.client.Pipeline.execute
     injected: list[bool] = []
 
@@ -46,44 +49,46 @@ def test_a_snapshot_never_undoes_an_event_that_lands_while_it_is_written(
         writes = any(cmd[0][0] == "HSET" for cmd in self.command_stack)
         if writes and not injected:
             injected.append(True)  # the account consumer applies v5 just before our write
-            assert state.apply_account(r, account("d1", 5, PostpayStatus.suspended, "苏E22222"))
+            assert state.apply_account(
+                r, KEYS, account("d1", 5, PostpayStatus.suspended, "苏E22222")
+            )
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
-    state.apply_account(r, account("d1", 3, PostpayStatus.active, "苏E11111"))
+    state.apply_account(r, KEYS, account("d1", 3, PostpayStatus.active, "苏E11111"))
 
     assert injected
-    answer = state.decide(r, plate="苏E22222", color="blue", postpay_enabled=True)
+    answer = state.decide(r, KEYS, plate="苏E22222", color="blue", postpay_enabled=True)
     assert (answer.driver_id, answer.reason) == ("d1", "suspended_arrears")
-    assert state.driver_of(r, "苏E11111", "blue") is None
+    assert state.driver_of(r, KEYS, "苏E11111", "blue") is None
     assert r.hget(f"{state.P}driver:d1", "version") == "5"
 
 
 def test_a_vehicle_that_moved_on_stays_with_its_new_driver(r: fakeredis.FakeRedis) -> None:
-    state.apply_account(r, account("a", 1, PostpayStatus.active, "苏E33333"))
+    state.apply_account(r, KEYS, account("a", 1, PostpayStatus.active, "苏E33333"))
     # The plate left A and B took it; B's event is applied before A's (other partition).
-    state.apply_account(r, account("b", 1, PostpayStatus.active, "苏E33333"))
-    state.apply_account(r, account("a", 2, PostpayStatus.active))
-    assert state.driver_of(r, "苏E33333", "blue") == "b"
-    assert state.vehicle_key("苏E33333", "blue") in state.eligibility(r)[1]
+    state.apply_account(r, KEYS, account("b", 1, PostpayStatus.active, "苏E33333"))
+    state.apply_account(r, KEYS, account("a", 2, PostpayStatus.active))
+    assert state.driver_of(r, KEYS, "苏E33333", "blue") == "b"
+    assert state.ref(KEYS, "苏E33333", "blue") in state.eligibility(r)[1]
 
 
 def test_open_sessions_are_restored_only_where_the_gateway_has_nothing(
     r: fakeredis.FakeRedis,
 ) -> None:
     now = datetime.now(UTC)
-    state.remember_open(r, "lot", "苏E44444", "blue", "newer-entry")
+    state.remember_open(r, KEYS, "lot", "苏E44444", "blue", "newer-entry")
     sessions = [
         state.OpenSession("older", "lot", "苏E44444", "blue", now - timedelta(hours=2)),
         state.OpenSession("s2", "lot", "苏E55555", "blue", now - timedelta(hours=1)),
         state.OpenSession("ancient", "lot", "苏E66666", "blue", now - timedelta(days=91)),
     ]
-    assert state.restore_open(r, sessions, now=now) == 1
-    assert r.get(state.open_key("lot", "苏E44444", "blue")) == "newer-entry"
-    assert r.get(state.open_key("lot", "苏E55555", "blue")) == "s2"
-    assert state.entered_at(r, "lot", "苏E55555", "blue") == now - timedelta(hours=1)
-    assert r.get(state.open_key("lot", "苏E66666", "blue")) is None
-    ttl = r.ttl(state.open_key("lot", "苏E55555", "blue"))
+    assert state.restore_open(r, KEYS, sessions, now=now) == 1
+    assert r.get(state.open_key(KEYS, "lot", "苏E44444", "blue")) == "newer-entry"
+    assert r.get(state.open_key(KEYS, "lot", "苏E55555", "blue")) == "s2"
+    assert state.entered_at(r, KEYS, "lot", "苏E55555", "blue") == now - timedelta(hours=1)
+    assert r.get(state.open_key(KEYS, "lot", "苏E66666", "blue")) is None
+    ttl = r.ttl(state.open_key(KEYS, "lot", "苏E55555", "blue"))
     assert state.OPEN_TTL_S - 3700 < ttl <= state.OPEN_TTL_S - 3600
 
 
@@ -125,10 +130,6 @@ def city(r: fakeredis.FakeRedis, transport: Any) -> Runtime:
     return rt
 
 
-# The data keys billing seals the plates with (the gateway's own settings, as in a city).
-KEYS = Settings(jwt_secret=SecretStr("unit-secret-0123456789abcdefghij"))
-
-
 def data(n_drivers: int) -> Pages:
     now = datetime.now(UTC)
     return {
@@ -163,10 +164,9 @@ def test_rebuild_writes_everything_then_the_marker(r: fakeredis.FakeRedis) -> No
         ("sessions", 3, 3),
     ]
     for i in range(7):
-        assert state.decide(r, plate=f"苏E{i:05}", color="blue", postpay_enabled=True).reason == (
-            "enrolled"
-        )
-    assert r.get(state.open_key("lot", "苏E00001", "blue")) == "s001"
+        answer = state.decide(r, KEYS, plate=f"苏E{i:05}", color="blue", postpay_enabled=True)
+        assert answer.reason == "enrolled"
+    assert r.get(state.open_key(KEYS, "lot", "苏E00001", "blue")) == "s001"
     marker = rebuild.marker(r)
     assert int(marker["built_at"]) >= int(marker["lost_at"])
     assert marker["drivers"] == "7"
@@ -213,3 +213,34 @@ def test_the_loss_instant_is_recorded_once_a_process_has_seen_the_marker(
     assert noticed is not None
     assert noticed >= lost_at
     assert rebuild.notice(r) == (noticed, False)
+
+
+def test_after_an_upgrade_the_rebuild_writes_the_new_layout_and_drops_the_old(
+    r: fakeredis.FakeRedis,
+) -> None:
+    rt = city(r, services(data(2)))
+    rebuild.rebuild(rt)
+    # What layout 1 wrote: plates in clear in keys and members, a marker naming no layout.
+    P = state.P
+    r.hdel(rebuild.MARKER, "layout")
+    r.hdel(f"{P}driver:d000", "layout")
+    r.set(f"{P}vehicle:苏E00000:blue", "d000")
+    r.sadd(f"{P}claims:苏E00009:blue", "d000")
+    r.sadd(f"{P}driver:d000:vehicles", "苏E00000:blue")
+    r.sadd(f"{P}driver:gone:claims", "苏E00008:blue")
+    r.set(f"{P}open:lot:苏E00000:blue", "s000")
+    r.set(f"{P}entered:lot:苏E00000:blue", "2026-01-01T00:00:00+00:00")
+    r.sadd(f"{P}eligible", "苏E00000:blue")
+    r.sadd(f"{P}passes:lot:holders", "苏E00000:blue")
+    assert not rebuild.is_complete(r)  # every gateway rebuilds at start
+
+    rebuild.rebuild(rt)
+    assert rebuild.is_complete(r)
+    leftovers = [k for k in r.scan_iter() if "苏E" in k]
+    assert leftovers == []
+    assert r.smembers(f"{P}driver:d000:vehicles") == {state.ref(KEYS, "苏E00000", "blue")}
+    assert not r.exists(f"{P}eligible", f"{P}driver:gone:claims", f"{P}passes:lot:holders")
+    assert state.decide(r, KEYS, plate="苏E00000", color="blue", postpay_enabled=True).reason == (
+        "enrolled"
+    )
+    assert r.get(state.open_key(KEYS, "lot", "苏E00000", "blue")) == "s000"

@@ -33,7 +33,6 @@ import redis
 import structlog
 
 from services.gateway.gate import state
-from shared import pii
 from shared.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -136,11 +135,6 @@ def rotate_salt(r: redis.Redis, lot_id: str) -> Kdf:
     return Kdf(salt=salt)
 
 
-def _split(member: str) -> tuple[str, str]:
-    plate, _, color = member.rpartition(":")
-    return plate, color
-
-
 def current_version(r: redis.Redis) -> int:
     return int(r.get(f"{P}eligible:version") or 0)
 
@@ -151,11 +145,11 @@ def build(rt: Runtime, lot_id: str, budget_s: float = REQUEST_BUDGET_S) -> Built
     r = rt.redis
     kdf = lot_kdf(r, lot_id)
     cache_key = _cache_key(lot_id, kdf.salt)
-    version, members = state.eligibility(r)
+    version, members = state.eligibility(r)  # {ref → encrypted plate}
     if r.get(_built_key(lot_id)) == f"{version}:{kdf.salt}":
         # Complete for this version already: the cache holds exactly the eligible set.
         return Built(version, kdf, sorted(r.hvals(cache_key)), True)  # type: ignore[arg-type]
-    wanted = {pii.plate_ref(rt.settings, *_split(m)): m for m in members}
+    wanted = members
     cache: dict[str, str] = r.hgetall(cache_key)  # type: ignore[assignment]
     gone = [ref for ref in cache if ref not in wanted]
     computed: dict[str, str] = {}
@@ -165,7 +159,8 @@ def build(rt: Runtime, lot_id: str, budget_s: float = REQUEST_BUDGET_S) -> Built
             continue
         if time.monotonic() >= deadline:
             break
-        computed[ref] = kdf.hash(*_split(member))
+        # Only a vehicle not hashed for this car park before is decrypted.
+        computed[ref] = kdf.hash(*state.eligible_vehicle(rt.settings, member))
     hashes = sorted(
         cache.get(ref) or computed[ref] for ref in wanted if ref in cache or ref in computed
     )

@@ -3,10 +3,14 @@
 The lots service owns passes (they change prices). The gateway keeps a Redis view per lot,
 filled from lots on first use and dropped on every write through this module:
 
-  passes:<lot>          → JSON {version, passes} (the lot's live passes, for the SDK snapshot)
-  passes:<lot>:holders  → set of "<plate>:<color>" holding a pass there (the exit gate's test)
+  passes:<lot>:view     → JSON {version, passes} (the lot's live passes, for the SDK snapshot)
+  passes:<lot>:refs     → set of the pseudonyms (`shared.pii.plate_ref`) of the vehicles
+                          holding a pass there (the exit gate's test); never a plate
   passes:<lot>:gen      → counter bumped on every write, so that a view read from lots before
                           a write can never be stored after it (WATCH on the counter)
+
+(`passes:<lot>` and `passes:<lot>:holders`, plates in clear, were an earlier layout: never
+read, gone within VIEW_TTL_S or at the next `citypark gate rebuild`.)
 
 At the exit gate only a holder costs anything more: one call to lots, which checks the whole
 stay (from the entry time the gateway remembered) against the same windows billing uses.
@@ -90,7 +94,7 @@ def _lots(rt: Runtime, method: str, path: str, body: Any = None) -> Any:
 
 
 def _keys(lot_id: str) -> tuple[str, str, str]:
-    return f"{P}{lot_id}", f"{P}{lot_id}:holders", f"{P}{lot_id}:gen"
+    return f"{P}{lot_id}:view", f"{P}{lot_id}:refs", f"{P}{lot_id}:gen"
 
 
 def _invalidate(r: redis.Redis, lot_id: str) -> None:
@@ -165,7 +169,7 @@ def _load(rt: Runtime, lot_id: str, view_key: str, holders_key: str, gen_key: st
             "passes": [_entry(p).model_dump(mode="json") for p in found["passes"]],
         }
     )
-    holders = {state.vehicle_key(p["plate"], p["plate_color"]) for p in found["passes"]}
+    holders = {state.ref(rt.settings, p["plate"], p["plate_color"]) for p in found["passes"]}
     with r.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(gen_key)
@@ -187,7 +191,7 @@ def _holds_pass(rt: Runtime, lot_id: str, plate: str, color: str) -> bool:
     view_key, holders_key, _ = _keys(lot_id)
     pipe = rt.redis.pipeline(transaction=False)
     pipe.exists(view_key)
-    pipe.sismember(holders_key, state.vehicle_key(plate, color))
+    pipe.sismember(holders_key, state.ref(rt.settings, plate, color))
     loaded, holds = pipe.execute()
     if loaded:
         return bool(holds)
@@ -207,7 +211,7 @@ def free_reason(
     try:
         if not _holds_pass(rt, lot_id, plate, color):
             return None
-        entered_at = state.entered_at(rt.redis, lot_id, plate, color)
+        entered_at = state.entered_at(rt.redis, rt.settings, lot_id, plate, color)
         if entered_at is None or entered_at > exited_at:
             entered_at = exited_at
         answer = _lots(

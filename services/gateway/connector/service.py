@@ -103,7 +103,9 @@ def prepare_entry(rt: Runtime, caller: Caller, data: EntryIn) -> tuple[EntryOut,
     plate = normalize_plate(data.plate)
     color = parse_plate_color(data.plate_color).value
     seen, driver_id = _read(
-        rt, _answer_key(caller.lot_id, str(data.event_id)), state.vehicle_key_of(plate, color)
+        rt,
+        _answer_key(caller.lot_id, str(data.event_id)),
+        state.vehicle_key_of(rt.settings, plate, color),
     )
     if seen is not None:
         return EntryOut(event_id=json.loads(seen)["event_id"], status="duplicate"), None
@@ -219,8 +221,8 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
     seen, driver_id, open_id = _read(
         rt,
         _answer_key(caller.lot_id, str(data.event_id)),
-        state.vehicle_key_of(plate, color),
-        state.open_key(caller.lot_id, plate, color),
+        state.vehicle_key_of(rt.settings, plate, color),
+        state.open_key(rt.settings, caller.lot_id, plate, color),
     )
     if seen is not None:
         return ExitOut.model_validate({**json.loads(seen), "status": "duplicate"}), None
@@ -235,7 +237,10 @@ def prepare_exit(rt: Runtime, caller: Caller, data: ExitIn) -> tuple[ExitOut, Lo
                 f"decided_at {offline.decided_at.isoformat()} is outside the accepted window"
             )
     answer = state.decide_for(
-        rt.redis, driver_id, postpay_enabled=caller.postpay_enabled, plate=plate, color=color
+        rt.redis,
+        driver_id,
+        postpay_enabled=caller.postpay_enabled,
+        vehicle=state.ref(rt.settings, plate, color),
     )
     # A pass covering the whole stay lets the car out free, post-pay or not (SPEC §10).
     reason = passes.free_reason(rt, caller.lot_id, plate, color, data.occurred_at)
@@ -314,8 +319,8 @@ def publish(rt: Runtime, accepted: list[tuple[EntryOut | ExitOut, LotEvent]]) ->
     pipe = rt.redis.pipeline(transaction=False)
     for answer, e in accepted:
         pipe.set(_answer_key(e.lot_id, e.event_id), answer.model_dump_json(), ex=ANSWER_TTL_S)
-        open_key = state.open_key(e.lot_id, e.plate, e.plate_color)
-        entered_key = state.entered_key(e.lot_id, e.plate, e.plate_color)
+        open_key = state.open_key(rt.settings, e.lot_id, e.plate, e.plate_color)
+        entered_key = state.entered_key(rt.settings, e.lot_id, e.plate, e.plate_color)
         if e.kind is Kind.entry:
             pipe.set(open_key, session_id_for(e.lot_id, e.event_id), ex=90 * 24 * 3600)
             pipe.set(entered_key, e.occurred_at.isoformat(), ex=90 * 24 * 3600)

@@ -115,11 +115,11 @@ def _event(rt: Runtime, district: str, dialect: str, record: Record, lot: LotRef
     plate, color = record.plate, record.plate_color.value
     extra: dict[str, Any] = {}
     if record.kind is Kind.entry:
-        extra["driver_id"] = state.driver_of(rt.redis, plate, color)
+        extra["driver_id"] = state.driver_of(rt.redis, rt.settings, plate, color)
     else:
         # The car has left already; the decision is the one the city would have given.
         answer = state.decide(
-            rt.redis, plate=plate, color=color, postpay_enabled=lot.postpay_enabled
+            rt.redis, rt.settings, plate=plate, color=color, postpay_enabled=lot.postpay_enabled
         )
         extra.update(decision=answer.decision, reason=answer.reason, driver_id=answer.driver_id)
     data = ParkingEvent(

@@ -19,7 +19,7 @@ GROUP = "citypark-gateway-state"
 
 def workers(rt: Runtime) -> list[Worker]:
     def handle(message: Message) -> None:
-        apply_account(rt.redis, AccountUpdated.opened(rt.settings, message.event.data))
+        apply_account(rt.redis, rt.settings, AccountUpdated.opened(rt.settings, message.event.data))
 
     def consume(stop: threading.Event) -> None:
         sub = make_subscription(rt.settings, rt.sessionmaker, GROUP, [ACCOUNT_EVENTS])

@@ -6,13 +6,16 @@ The marker `citypark:gw:gate:marker` (a hash) says what Redis holds:
             since the nonces that would have caught their replay went with the data
   built_at  ms when the last complete rebuild finished; missing while one is due or running
   drivers, sessions, took_ms   what that rebuild wrote and how long it took
+  layout    the key layout it wrote (state.LAYOUT); a marker naming another one (or none)
+            counts as incomplete, so after an upgrade every gateway rebuilds at start
 
 Every gateway checks the marker every few seconds and at start; whoever finds it missing
 records `lost_at` and rebuilds. `citypark gate rebuild` does the same on demand. Keys are
 overwritten in place, never cleared first, so a driver who is enrolled never reads as
 `not_enrolled` because of a rebuild; `built_at` is written last, and only if no new loss
 happened meanwhile. Drivers are applied with the events' own newer-version-wins rule, so an
-account event consumed during the rebuild is never undone by the older snapshot.
+account event consumed during the rebuild is never undone by the older snapshot. A rebuild
+also deletes the keys an earlier layout left behind (plates in clear: state.py).
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ from urllib.parse import urlencode
 import redis
 import structlog
 
-from services.gateway.gate.state import OpenSession, P, apply_accounts, restore_open
+from services.gateway.gate.state import (
+    LAYOUT,
+    OpenSession,
+    P,
+    apply_accounts,
+    is_ref,
+    restore_open,
+)
 from shared.events import AccountUpdated
 from shared.runtime import Runtime, Worker
 
@@ -93,11 +103,11 @@ def notice(r: redis.Redis) -> tuple[int, bool]:
 
 
 def is_complete(r: redis.Redis) -> bool:
-    """The cheap periodic check: one HGET."""
-    built_at = r.hget(MARKER, "built_at")
+    """The cheap periodic check: one HMGET. Built for an earlier layout counts as not built."""
+    built_at, layout = r.hmget(MARKER, "built_at", "layout")
     if built_at is not None:
         _seen.add(r)
-    return built_at is not None
+    return built_at is not None and layout == LAYOUT
 
 
 # Redis clients of this process that have seen the marker: if it is missing for one of
@@ -150,6 +160,7 @@ def _rebuild_locked(rt: Runtime, token: str, progress: Progress, page_size: int)
     r = rt.redis
     started = time.monotonic()
     lost_at, _ = notice(r)
+    earlier = r.hget(MARKER, "layout") != LAYOUT  # an upgrade: plates may be left in clear
 
     def keep_lock() -> None:
         r.set(LOCK, token, xx=True, ex=LOCK_TTL_S)
@@ -157,7 +168,7 @@ def _rebuild_locked(rt: Runtime, token: str, progress: Progress, page_size: int)
     drivers = applied = vehicles = 0
     for page, total in _pages(rt, "billing", "/internal/billing/gate/accounts", page_size):
         snapshots = [AccountUpdated.opened(rt.settings, item) for item in page]
-        applied += apply_accounts(r, snapshots)
+        applied += apply_accounts(r, rt.settings, snapshots)
         drivers += len(snapshots)
         vehicles += sum(len(s.vehicles) for s in snapshots)
         progress("drivers", drivers, total)
@@ -175,10 +186,11 @@ def _rebuild_locked(rt: Runtime, token: str, progress: Progress, page_size: int)
             )
             for item in page
         ]
-        restored += restore_open(r, open_now, now=now)
+        restored += restore_open(r, rt.settings, open_now, now=now)
         sessions += len(open_now)
         progress("sessions", sessions, total)
         keep_lock()
+    purged = purge_earlier_layout(r) if earlier else 0
     seconds = time.monotonic() - started
     if int(r.get(f"{P}eligible:version") or 0) < lost_at:
         # After a loss the counter starts again near 0, and an ETag a car park kept from
@@ -193,9 +205,45 @@ def _rebuild_locked(rt: Runtime, token: str, progress: Progress, page_size: int)
         vehicles=vehicles,
         sessions=sessions,
         restored=restored,
+        purged=purged,
         seconds=round(seconds, 3),
     )
     return result
+
+
+# What layout 1 keyed by "<plate>:<color>" in clear; layout 2 writes a pseudonym there.
+_EARLIER = ("vehicle:*", "claims:*", "open:*", "entered:*")
+
+
+def purge_earlier_layout(r: redis.Redis, batch: int = 1000) -> int:
+    """Delete the keys an earlier layout wrote with plates in them; how many. Run after the
+    drivers and open sessions were written anew (nothing reads these any more)."""
+    doomed: list[str] = []
+    for pattern in _EARLIER:
+        for key in r.scan_iter(match=f"{P}{pattern}", count=batch):
+            if not is_ref(str(key).rpartition(":")[2]):
+                doomed.append(str(key))
+    sets = [
+        str(key)
+        for key in r.scan_iter(match=f"{P}driver:*", count=batch)
+        if str(key).endswith((":vehicles", ":claims"))
+    ]
+    for start in range(0, len(sets), batch):
+        pipe = r.pipeline(transaction=False)
+        for key in sets[start : start + batch]:
+            pipe.smembers(key)
+        for key, members in zip(sets[start : start + batch], pipe.execute(), strict=True):
+            if not all(is_ref(str(m)) for m in members):
+                doomed.append(key)
+    if r.type(f"{P}eligible") != "none":
+        doomed.append(f"{P}eligible")
+    # The pass holders of each car park (connector/passes.py) were plates in clear too.
+    doomed += [str(k) for k in r.scan_iter(match=f"{P}passes:*:holders", count=batch)]
+    for start in range(0, len(doomed), batch):
+        r.delete(*doomed[start : start + batch])
+    if doomed:
+        log.info("gate.earlier_layout_purged", keys=len(doomed))
+    return len(doomed)
 
 
 def _pages(
@@ -235,6 +283,7 @@ def _complete(r: redis.Redis, lost_at: int, **figures: int | str) -> None:
             raise RebuildSuperseded("Redis lost its data again during the rebuild")
         pipe.multi()
         figures["built_at"] = now_ms()
+        figures["layout"] = LAYOUT
         pipe.hset(MARKER, mapping=figures)  # type: ignore[arg-type]
         try:
             pipe.execute()
