@@ -571,7 +571,7 @@ def main(
             manifest.save(manifest_path)
             last = manifest.enrolled_plates[-1]
             deadline = time.monotonic() + 120
-            while gate_state.driver_of(rt.redis, last, "blue") is None:
+            while gate_state.driver_of(rt.redis, rt.settings, last, "blue") is None:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the gate never learnt the seeded drivers")
                 time.sleep(0.5)

@@ -435,7 +435,7 @@ def chaos(
             r = redis_lib.Redis.from_url(cfg.redis_url)
             last = max(seeded.enrolled)
             deadline = time.monotonic() + 120
-            while gate_state.driver_of(r, last, "blue") is None:
+            while gate_state.driver_of(r, settings, last, "blue") is None:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the gate never learnt the seeded drivers (account events)")
                 time.sleep(0.5)
