@@ -25,12 +25,13 @@ from typing import Annotated, Any, Final, Protocol
 from fastapi import Query, Request
 from sqlalchemy.orm import Session
 
-from shared import audit
+from shared import audit, pii
 from shared.auth import Admin, Role, ViewerAuth
 from shared.errors import problem
 from shared.http import answers
 from shared.plates import PROVINCES
 from shared.plates import mask_plate as _mask_plate
+from shared.settings import Settings
 
 __all__ = [
     "UNMASK_RESPONSES",
@@ -42,6 +43,7 @@ __all__ = [
     "mask_phone",
     "mask_plate",
     "mask_text",
+    "open_lookup",
     "staff_view",
 ]
 
@@ -188,6 +190,36 @@ def _writing(request: Request) -> Iterator[Session]:
         yield db
 
 
+# An unmasked look-up's audit entry keeps its query masked (the audit topic carries no plate or
+# phone) and, where masking changed it, the query as asked encrypted under this key.
+SEALED_QUERY = "query_sealed"
+
+
+def lookup_record(settings: Settings, path: str, query: dict[str, str]) -> dict[str, Any]:
+    """The `after` of an unmasked look-up's audit entry: path and query with plates and phones
+    masked, the query as asked sealed (shared.pii) for an admin's unmasked read of the log."""
+    masked = mask_doc(query, accounts=False)
+    after: dict[str, Any] = {"path": mask_text(path), "query": masked}
+    if masked != query:
+        after[SEALED_QUERY] = pii.encrypt(settings, json.dumps(query, ensure_ascii=False))
+    return after
+
+
+def open_lookup(settings: Settings, after: Any, *, unmasked: bool) -> Any:
+    """An audit entry's `after` as a reader sees it: for an unmasked read the look-up's query as
+    asked, else the masked copy alone. Never fails (an entry sealed under a key this process
+    lacks keeps its masked query)."""
+    if not isinstance(after, dict) or SEALED_QUERY not in after:
+        return after
+    out = {k: v for k, v in after.items() if k != SEALED_QUERY}
+    if unmasked:
+        try:
+            out["query"] = json.loads(pii.decrypt(settings, str(after[SEALED_QUERY])))
+        except (pii.DataKeyUnknown, ValueError):
+            pass
+    return out
+
+
 UNMASK_DOC = "Show plates and phones in full (admins only, with a `reason`; audited)"
 REASON_DOC = "Why the unmasked look-up is needed (3–500 characters); kept in the audit log"
 # `staff_view` declares its problems itself (`answers`), so every route using it documents them;
@@ -217,6 +249,7 @@ def staff_view(
         if reason is None or not reason.strip():
             raise ReasonRequired("Say why with `reason` (3–500 characters)")
         query = {k: v for k, v in request.query_params.items() if k not in ("unmasked", "reason")}
+        settings: Settings = request.app.state.settings
         with _writing(request) as db:
             record(
                 db,
@@ -224,9 +257,9 @@ def staff_view(
                 service=service,
                 action="lookup.unmasked",
                 entity=entity,
-                entity_id=request.url.path[:200],
-                after={"path": request.url.path, "query": query},
-                reason=reason.strip(),
+                entity_id=mask_text(request.url.path)[:200],
+                after=lookup_record(settings, request.url.path, query),
+                reason=mask_text(reason.strip()),
             )
         return View(admin, unmasked=True)
 

@@ -51,7 +51,8 @@ from shared.errors import (
     ValidationFailed,
 )
 from shared.http import problem_responses
-from shared.masking import UNMASK_RESPONSES, View, staff_view
+from shared.masking import UNMASK_RESPONSES, View, open_lookup, staff_view
+from shared.settings import Settings
 from shared.signatures import PublicKeyInvalid
 from shared.tariff import QuoteInputInvalid
 from shared.timeutil import utcnow
@@ -84,9 +85,10 @@ def _operator_out(op: Operator, view: View) -> OperatorOut:
     return out
 
 
-def _audit_out(entry: audit.AuditEntry, view: View) -> AuditEntryOut:
+def _audit_out(entry: audit.AuditEntry, view: View, settings: Settings) -> AuditEntryOut:
     out = AuditEntryOut.model_validate(entry, from_attributes=True)
-    out.before, out.after = view.doc(out.before), view.doc(out.after)
+    after = open_lookup(settings, out.after, unmasked=view.unmasked)
+    out.before, out.after = view.doc(out.before), view.doc(after)
     return out
 
 
@@ -377,6 +379,7 @@ def revoke_district_key(code: str, key_id: str, db: DbSession, who: AdminAuth) -
     responses={**problem_responses(service.CursorInvalid, ValidationFailed), **UNMASK_RESPONSES},
 )
 def list_audit(
+    request: Request,
     db: DbSession,
     view: AuditView,
     service_name: Annotated[
@@ -424,7 +427,8 @@ def list_audit(
     )
     page = rows[:limit]
     nxt = service.encode_cursor(str(page[-1].id)) if len(rows) > limit else None
-    return AuditPage(items=[_audit_out(e, view) for e in page], next_cursor=nxt)
+    settings = request.app.state.settings
+    return AuditPage(items=[_audit_out(e, view, settings) for e in page], next_cursor=nxt)
 
 
 @public.get(
