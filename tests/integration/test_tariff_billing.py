@@ -324,7 +324,9 @@ class CountingLots:
         return self.inner.call(method, path, json)
 
 
-def closing(lot: dict[str, Any], minutes: int, decision: Decision = Decision.postpay) -> Message:
+def closing(
+    keys: Settings, lot: dict[str, Any], minutes: int, decision: Decision = Decision.postpay
+) -> Message:
     exited = utcnow().replace(microsecond=0) - timedelta(minutes=1)
     data = SessionClosed(
         session_id=str(uuid.uuid4()),
@@ -339,7 +341,7 @@ def closing(lot: dict[str, Any], minutes: int, decision: Decision = Decision.pos
         exited_at=exited,
         decision=decision,
         driver_id=str(uuid.uuid4()),
-    )
+    ).sealed(keys)  # sessions publishes the plate sealed
     event = new_event(EventType.session_closed, source="sessions", data=data)
     return Message(topic=SESSIONS_CLOSED, key=lot["id"], event=event, position="0")
 
@@ -362,8 +364,8 @@ def test_a_poll_is_priced_in_one_call_and_billed_as_each_alone(
     counted = CountingLots(lots_api)
     rt.internal_clients["lots"] = counted  # type: ignore[assignment]
     handler = closed_sessions_handler(rt)
-    stays = [closing(lot, m) for m in (10, 16, 61, 210, 24 * 60 + 5)]
-    on_site = closing(lot, 90, Decision.pay_on_site)
+    stays = [closing(lots_settings, lot, m) for m in (10, 16, 61, 210, 24 * 60 + 5)]
+    on_site = closing(lots_settings, lot, 90, Decision.pay_on_site)
     poll = [*stays, on_site, stays[1]]  # a redelivery inside the same poll
 
     handler.batch(poll)
@@ -387,7 +389,7 @@ def test_a_poll_is_priced_in_one_call_and_billed_as_each_alone(
     # A stay lots cannot price spoils the poll's transaction, not its neighbours: the loop
     # then takes one message at a time, and only the bad one fails.
     gone = {**lot, "id": str(uuid.uuid4())}
-    good, bad = closing(lot, 45), closing(gone, 45)
+    good, bad = closing(lots_settings, lot, 45), closing(lots_settings, gone, 45)
     with pytest.raises(NotFound):
         handler.batch([good, bad])
     assert charges_of(factory, [good, bad]) == {}
