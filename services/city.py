@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 
+import anyio
 import structlog
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
@@ -83,7 +84,9 @@ def build_app(
         threads = start_workers(workers, shutdown.stop)
         log.info("process.ready", parts=[p.name for p in parts], workers=len(threads))
         yield
-        stopped, running = shutdown.join(threads)
+        # Joined off the event loop: a worker's last internal call to this very app (the
+        # embedded city calls itself) must still be served while the workers wind down.
+        stopped, running = await anyio.to_thread.run_sync(shutdown.join, threads)
         log_stopped(shutdown, stopped, running, parts=[p.name for p in parts])
 
     app = make_app(title, DESCRIPTION)

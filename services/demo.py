@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import anyio
 import structlog
 from citypark_connector import ConnectorClient, ConnectorError, EventRejected, generate_keypair
 from fastapi import FastAPI
@@ -448,7 +449,8 @@ def attach_demo(app: FastAPI, rt: Runtime, base_url: str) -> None:
             log.info("demo.traffic_started", lots=len(manifest))
             yield
             stop.set()
-            thread.join(timeout=10)
+            # Off the event loop: the simulator's last request goes to this very app.
+            await anyio.to_thread.run_sync(lambda: thread.join(timeout=10))
             simulator.close()
 
     app.router.lifespan_context = lifespan

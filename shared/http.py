@@ -333,17 +333,36 @@ def install_problem_handlers(app: FastAPI) -> None:
         )
 
 
-def install_request_ids(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next: Any) -> Any:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+class RequestIds:
+    """Every request gets an id (the caller's `X-Request-Id`, or a new one) bound to its log
+    lines and sent back. Pure ASGI: a `BaseHTTPMiddleware` runs each request in a task group of
+    its own, which can outlive a client that went away and keep a test client from stopping."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = given.decode("latin-1") if given else uuid.uuid4().hex
+
+        async def with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
         structlog.contextvars.bind_contextvars(request_id=rid)
         try:
-            response = await call_next(request)
+            await self.app(scope, receive, with_id)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
-        response.headers["X-Request-Id"] = rid
-        return response
+
+
+def install_request_ids(app: FastAPI) -> None:
+    app.add_middleware(RequestIds)
 
 
 def make_app(title: str, description: str, *, version: str = "0.1.0") -> FastAPI:

@@ -117,7 +117,10 @@ def test_purge_removes_what_is_past_its_period_and_keeps_the_rest(tmp_path: Path
 
         with rt.sessionmaker() as db:
             assert [c.id.split(".")[0] for c in db.scalars(select(OtpChallenge))] == ["new"]
-            assert [m.body for m in db.scalars(select(SmsMessage))] == ["new"]
+            # (the running city also texts the seeded notifications meanwhile: only the seeded
+            # messages themselves are looked at)
+            seeded = [m.body for m in db.scalars(select(SmsMessage))]
+            assert [b for b in seeded if b in ("old", "new")] == ["new"]
             assert [n.title for n in db.scalars(select(Notification))] == ["new"]
             assert len(list(db.scalars(select(Delivery)))) == 1
             assert len(list(db.scalars(select(InboxRow)))) == 1
