@@ -352,6 +352,8 @@ def test_a_district_adapter_stops_within_10_s_under_load_and_loses_nothing(
             jwt_secret=SecretStr("stopping-tests-secret-0123456789abcdef"),
         )
         provision.ensure_topic(settings, code)
+        # events travel with the plate sealed under the district process's keys
+        keys = Settings(jwt_secret=SecretStr(env["CITYPARK_JWT_SECRET"]))
         bus = KafkaBus(infra.kafka_bootstrap)
         published: list[str] = []
         stop = threading.Event()
@@ -360,7 +362,7 @@ def test_a_district_adapter_stops_within_10_s_under_load_and_loses_nothing(
             for _ in range(40):  # at most 8,000 events, faster than one adapter takes them
                 if stop.is_set():
                     return
-                batch = [_lot_event(code) for _ in range(200)]
+                batch = [_lot_event(code, keys) for _ in range(200)]
                 bus.publish_many([(lot_events(code), e.subject or "", e) for e in batch])
                 published.extend(e.id for e in batch)
                 time.sleep(0.1)
@@ -400,7 +402,7 @@ def test_a_district_adapter_stops_within_10_s_under_load_and_loses_nothing(
         assert took < STOP_LIMIT_S
 
 
-def _lot_event(district: str) -> CloudEvent:
+def _lot_event(district: str, keys: Settings) -> CloudEvent:
     lot_id = str(uuid.uuid4())
     now = utcnow()
     return new_event(
@@ -418,5 +420,5 @@ def _lot_event(district: str) -> CloudEvent:
             plate_color="blue",
             occurred_at=now,
             received_at=now,
-        ),
+        ).sealed(keys),
     )
