@@ -166,7 +166,7 @@ def test_an_account_event_that_cannot_apply_is_kept_as_a_dead_letter(city: City)
     event = new_event(
         EventType.account_updated,
         source="billing",
-        data=VehicleRef(plate="苏E00000", plate_color="blue"),
+        data=VehicleRef(plate="苏E00000", plate_color="blue").sealed(city.rt.settings),
         subject="nobody",
     )
     city.rt.bus.publish_many([(ACCOUNT_EVENTS, "nobody", event)])
