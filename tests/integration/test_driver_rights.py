@@ -176,8 +176,10 @@ def test_delete_waits_for_open_parkings_and_arrears_then_erases(city: City) -> N
     paid = city.client.post("/v1/me/arrears/payments", headers=me)
     assert paid.status_code == 202, paid.text
     wait_for(
-        lambda: {c["status"] for c in city.client.get("/v1/me/charges", headers=me).json()}
-        == {"captured"},
+        lambda: (
+            {c["status"] for c in city.client.get("/v1/me/charges", headers=me).json()}
+            == {"captured"}
+        ),
         timeout_s=10,
     )
 

@@ -192,9 +192,7 @@ def mark_verified(db: Session, settings: Settings, driver_id: str, vehicle_id: s
     claims = list(
         db.scalars(
             select(Vehicle)
-            .where(
-                Vehicle.plate_bidx == claim.plate_bidx, Vehicle.plate_color == claim.plate_color
-            )
+            .where(Vehicle.plate_bidx == claim.plate_bidx, Vehicle.plate_color == claim.plate_color)
             .order_by(Vehicle.id)
             .with_for_update()
             .execution_options(populate_existing=True)
