@@ -105,6 +105,13 @@ class Settings(KafkaAuth):  # the Kafka client's credentials come from KafkaAuth
     district_max_body_bytes: int = Field(10 << 20, ge=1024)
     # How long the gateway keeps the eligibility snapshots it served, to check offline decisions.
     eligibility_snapshot_retention_days: int = Field(7, ge=7)
+    eligibility_salt_scope: Literal["district", "lot"] = Field(
+        "district",
+        description="Whose salt hashes a car park's eligibility snapshot: its district's "
+        "(default) or its own. Every snapshot lists the same vehicles, so a salt per car park "
+        "is no harder to reverse, and multiplies the gateway's hashing by the car parks of a "
+        "district.",
+    )
 
     # The vehicle registry that proves a driver holds a plate (the sandbox one by default).
     vehicle_registry_url: str = "http://127.0.0.1:8000/sandbox/vehicle-registry"

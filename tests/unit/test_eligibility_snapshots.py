@@ -127,3 +127,23 @@ def test_out_of_budget_vehicles_are_left_out_until_the_warmer_catches_up(
 )
 def test_a_lot_hears_not_eligible_never_why(decision: Decision, reason: str, told: str) -> None:
     assert public_reason(state.GateAnswer(decision, reason, "d1")) == told
+
+
+def test_car_parks_of_a_district_share_its_salt_unless_each_has_its_own(
+    rt: Any, hashed: list[str]
+) -> None:
+    driver(rt, "d1", 1, PostpayStatus.active, PLATE)
+    by_district = rt.settings.model_copy(update={"eligibility_salt_scope": "district"})
+    a = eligibility.salt_scope(by_district, "lot-a", "gusu")
+    b = eligibility.salt_scope(by_district, "lot-b", "gusu")
+    c = eligibility.salt_scope(by_district, "lot-c", "wuzhong")
+    assert a == b != c
+    first, second = eligibility.build(rt, a), eligibility.build(rt, b)
+    assert first.kdf.salt == second.kdf.salt
+    assert first.hashes == second.hashes
+    assert len(hashed) == 1  # the second car park of the district costs no hash at all
+    assert eligibility.build(rt, c).kdf.salt != first.kdf.salt
+
+    by_lot = rt.settings.model_copy(update={"eligibility_salt_scope": "lot"})
+    assert eligibility.salt_scope(by_lot, "lot-a", "gusu") == "lot-a"
+    assert eligibility.salt_scope(by_lot, "lot-b", "gusu") == "lot-b"

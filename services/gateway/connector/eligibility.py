@@ -1,18 +1,25 @@
 """Eligibility snapshots a car park cannot turn back into plates (docs/privacy.md).
 
 Every post-pay car park gets, for each vehicle allowed to leave on post-pay, a memory-hard
-salted hash: scrypt("<plate>:<plate_color>", salt=<the lot's salt>, n, r, p). The salt is
-random per car park and sent with the snapshot, so the gate can hash the plate in front of it
+salted hash: scrypt("<plate>:<plate_color>", salt=<its scope's salt>, n, r, p). The salt is
+random per salt scope and sent with the snapshot, so the gate can hash the plate in front of it
 once (~27 ms) and look it up, while reversing the list costs one such hash per candidate plate
-per car park: no precomputed table and no cheap GPU search (16 MiB per hash) help.
+per salt: no precomputed table and no cheap GPU search (16 MiB per hash) help.
+
+The salt scope (`eligibility_salt_scope`) is the district by default, or each car park. Every
+snapshot lists the same city-wide set, so a salt per car park makes no list harder to reverse
+than a salt per district, while it multiplies the gateway's hashing by the car parks of a
+district: with Suzhou's 3,271 car parks and 324,000 drivers a salt per car park would be about
+330 CPU-days of hashing, a salt per district about a CPU-day (docs/privacy.md).
 
 What the gateway keeps (all under `citypark:gw:`):
-  lot:<lot>:salt      → the car park's salt (hex); rotating it is a new snapshot version
-  lot:<lot>:vh:<salt> → hash {vehicle pseudonym (`shared.pii.plate_ref`) → salted hash}: the
-                        cache, so that a vehicle newly eligible costs one hash per post-pay
-                        car park and a vehicle that stays costs nothing
-  lot:<lot>:built     → "<version>:<salt>" of the last complete build, the answer's fast path
-  snapshot:lots       → car parks with a salt, which the warmer keeps up to date
+  lot:<scope>:salt      → the scope's salt (hex); rotating it is a new snapshot version
+  lot:<scope>:vh:<salt> → hash {vehicle pseudonym (`shared.pii.plate_ref`) → salted hash}:
+                          the cache, so that a vehicle newly eligible costs one hash per salt
+                          scope and a vehicle that stays costs nothing
+  lot:<scope>:built     → "<version>:<salt>" of the last complete build, the fast path
+  snapshot:lots       → salt scopes (a car park's id or `district:<code>`), kept up to date
+                        by the warmer
 
 A build is bounded in time: a vehicle whose hash is not computed yet is left out of the
 snapshot (the gate then asks it to pay on site offline, never the reverse), and the answer says
@@ -34,6 +41,7 @@ import structlog
 
 from services.gateway.gate import state
 from shared.runtime import Runtime
+from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -92,46 +100,53 @@ class Built:
     complete: bool
 
 
-def _salt_key(lot_id: str) -> str:
-    return f"{P}lot:{lot_id}:salt"
+def salt_scope(settings: Settings, lot_id: str, district: str) -> str:
+    """Whose salt a car park's snapshot is hashed with: its district's or its own."""
+    if settings.eligibility_salt_scope == "lot":
+        return lot_id
+    return f"district:{district}"
 
 
-def _cache_key(lot_id: str, salt: str) -> str:
-    return f"{P}lot:{lot_id}:vh:{salt}"
+def _salt_key(scope: str) -> str:
+    return f"{P}lot:{scope}:salt"
 
 
-def _built_key(lot_id: str) -> str:
-    return f"{P}lot:{lot_id}:built"
+def _cache_key(scope: str, salt: str) -> str:
+    return f"{P}lot:{scope}:vh:{salt}"
+
+
+def _built_key(scope: str) -> str:
+    return f"{P}lot:{scope}:built"
 
 
 LOTS = f"{P}snapshot:lots"
 
 
-def lot_kdf(r: redis.Redis, lot_id: str) -> Kdf:
+def lot_kdf(r: redis.Redis, scope: str) -> Kdf:
     """The car park's salt, drawn at its first snapshot."""
-    salt = r.get(_salt_key(lot_id))
+    salt = r.get(_salt_key(scope))
     if salt is None:
-        r.set(_salt_key(lot_id), secrets.token_hex(SALT_BYTES), nx=True)
-        r.sadd(LOTS, lot_id)
-        salt = r.get(_salt_key(lot_id))
+        r.set(_salt_key(scope), secrets.token_hex(SALT_BYTES), nx=True)
+        r.sadd(LOTS, scope)
+        salt = r.get(_salt_key(scope))
     return Kdf(salt=str(salt))
 
 
-def rotate_salt(r: redis.Redis, lot_id: str) -> Kdf:
+def rotate_salt(r: redis.Redis, scope: str) -> Kdf:
     """A new salt for the car park: its next snapshot is a new version, hashed afresh (the
     version counter is the city's, so every car park fetches once more; only this one
     re-hashes)."""
-    old = r.get(_salt_key(lot_id))
+    old = r.get(_salt_key(scope))
     salt = secrets.token_hex(SALT_BYTES)
     pipe = r.pipeline(transaction=True)
-    pipe.set(_salt_key(lot_id), salt)
-    pipe.sadd(LOTS, lot_id)
+    pipe.set(_salt_key(scope), salt)
+    pipe.sadd(LOTS, scope)
     if old is not None:
-        pipe.delete(_cache_key(lot_id, str(old)))
-    pipe.delete(_built_key(lot_id))
+        pipe.delete(_cache_key(scope, str(old)))
+    pipe.delete(_built_key(scope))
     pipe.incr(f"{P}eligible:version")
     pipe.execute()
-    log.info("connector.eligibility_salt_rotated", lot_id=lot_id)
+    log.info("connector.eligibility_salt_rotated", scope=scope)
     return Kdf(salt=salt)
 
 
@@ -139,14 +154,14 @@ def current_version(r: redis.Redis) -> int:
     return int(r.get(f"{P}eligible:version") or 0)
 
 
-def build(rt: Runtime, lot_id: str, budget_s: float = REQUEST_BUDGET_S) -> Built:
+def build(rt: Runtime, scope: str, budget_s: float = REQUEST_BUDGET_S) -> Built:
     """The car park's snapshot of the city's eligible vehicles now, hashing at most
     `budget_s` worth of vehicles not hashed for it before."""
     r = rt.redis
-    kdf = lot_kdf(r, lot_id)
-    cache_key = _cache_key(lot_id, kdf.salt)
+    kdf = lot_kdf(r, scope)
+    cache_key = _cache_key(scope, kdf.salt)
     version, members = state.eligibility(r)  # {ref → encrypted plate}
-    if r.get(_built_key(lot_id)) == f"{version}:{kdf.salt}":
+    if r.get(_built_key(scope)) == f"{version}:{kdf.salt}":
         # Complete for this version already: the cache holds exactly the eligible set.
         return Built(version, kdf, sorted(r.hvals(cache_key)), True)  # type: ignore[arg-type]
     wanted = members
@@ -172,12 +187,12 @@ def build(rt: Runtime, lot_id: str, budget_s: float = REQUEST_BUDGET_S) -> Built
         pipe.hdel(cache_key, *gone)
     pipe.expire(cache_key, CACHE_TTL_S)
     if complete:
-        pipe.set(_built_key(lot_id), f"{version}:{kdf.salt}", ex=CACHE_TTL_S)
+        pipe.set(_built_key(scope), f"{version}:{kdf.salt}", ex=CACHE_TTL_S)
     pipe.execute()
     if computed:
         log.info(
             "connector.eligibility_hashed",
-            lot_id=lot_id,
+            scope=scope,
             hashed=len(computed),
             complete=complete,
             version=version,
@@ -191,12 +206,12 @@ def warm(rt: Runtime, budget_s: float) -> int:
     deadline = time.monotonic() + budget_s
     version = current_version(rt.redis)
     behind = 0
-    for lot_id in sorted(rt.redis.smembers(LOTS)):  # type: ignore[arg-type]
-        salt = rt.redis.get(_salt_key(str(lot_id)))
-        if rt.redis.get(_built_key(str(lot_id))) == f"{version}:{salt}":
+    for scope in sorted(rt.redis.smembers(LOTS)):  # type: ignore[arg-type]
+        salt = rt.redis.get(_salt_key(str(scope)))
+        if rt.redis.get(_built_key(str(scope))) == f"{version}:{salt}":
             continue
         left = deadline - time.monotonic()
-        if left <= 0 or not build(rt, str(lot_id), left).complete:
+        if left <= 0 or not build(rt, str(scope), left).complete:
             behind += 1
     return behind
 

@@ -175,9 +175,9 @@ async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Res
     while offline.
 
     `vehicles` holds scrypt("<plate>:<plate_color>", salt, n, r, p, dklen) of normalised plates
-    as hex, with the parameters and this car park's own salt in `kdf`: the gate hashes the plate
-    in front of it once and looks it up (`format` 2; the unsalted sha256 list of format 1 is no
-    longer served). A salt changes with a new `version`. While the city is still hashing newly
+    as hex, with the parameters and the salt in `kdf` (its district's, or its own): the gate
+    hashes the plate in front of it once and looks it up (`format` 2; the unsalted sha256 list
+    of format 1 is no longer served). A salt changes with a new `version`. While the city is still hashing newly
     eligible vehicles for this car park, `complete` is false and they are left out (offline they
     pay on site). Passes are the car park's own: their `vehicle` stays sha256("<plate>:<color>").
 
@@ -198,7 +198,8 @@ async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Res
     if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     if caller.postpay_enabled:
-        built = await run_in_threadpool(snapshots.build, rt, caller.lot_id)
+        scope = snapshots.salt_scope(rt.settings, caller.lot_id, caller.district)
+        built = await run_in_threadpool(snapshots.build, rt, scope)
         version, kdf, served, complete = built.version, built.kdf, built.hashes, built.complete
         etag = f'"{version}-{tail}"' if complete else f'"{version}.{len(served)}-{tail}"'
     else:
