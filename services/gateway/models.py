@@ -6,6 +6,7 @@ from sqlalchemy import BigInteger, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import make_base
+from shared.pii_columns import Encrypted
 from shared.timeutil import utcnow
 
 Base = make_base("gateway")
@@ -61,7 +62,7 @@ class OfflineClaim(Base):
     lot_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     lot_code: Mapped[str] = mapped_column(String(64))
-    plate: Mapped[str] = mapped_column(String(32))
+    plate: Mapped[str] = mapped_column(Encrypted())  # at rest under the data key
     plate_color: Mapped[str] = mapped_column(String(16))
     claimed_decision: Mapped[str] = mapped_column(String(20))
     eligibility_version: Mapped[int | None] = mapped_column(BigInteger, default=None)

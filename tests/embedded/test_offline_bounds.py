@@ -160,6 +160,14 @@ def test_a_snapshot_never_served_backs_nothing(city: City) -> None:
     )
     event = lot_event(city, answer["event_id"])
     assert (event.decision, event.reason) == ("pay_on_site", "suspended_arrears")
+    # The claim keeps the plate encrypted at rest; read through the model it is the plate.
+    assert claim.plate == car
+    with city.rt.engine.connect() as conn:
+        stored = conn.exec_driver_sql(
+            "SELECT plate FROM gateway_offline_claim WHERE event_id = ?", (answer["event_id"],)
+        ).scalar_one()
+    assert stored.startswith("pii1.")
+    assert car not in stored
     # Nor does a claim without any version.
     none = replay(city, car, decision="postpay", eligibility_version=None, decided_at=at(now, 2))
     assert none["decision"] == "pay_on_site"
