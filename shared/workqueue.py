@@ -38,6 +38,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from shared.errors import Problem, UpstreamRejected, UpstreamUnavailable
+from shared.pii import DataKeyUnknown
 from shared.timeutil import utcnow
 
 log = structlog.get_logger(__name__)
@@ -88,6 +89,10 @@ def classify(exc: BaseException) -> Failure:
     """Which kind of failure `exc` is (the module docstring says what each kind gets)."""
     if isinstance(exc, UpstreamRejected):
         return Failure.unexpected  # our request is wrong: a bug to fix, then replay
+    if isinstance(exc, DataKeyUnknown):
+        # Sealed under a data key this process lacks: retrying cannot help; kept as a dead
+        # letter and replayed once the key is configured.
+        return Failure.bad_data
     if isinstance(exc, TRANSIENT):
         return Failure.transient
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:

@@ -70,3 +70,13 @@ def test_blind_indexes_are_stable_keyed_and_kind_separated() -> None:
     assert pii.plate_ref(other, "苏E12345", "blue") != pii.plate_ref(s, "苏E12345", "blue")
     pinned = settings(data_index_key=SecretStr("index-" + "0f1e2d3c" * 5))
     assert pii.plate_ref(pinned, "苏E12345", "blue") != pii.plate_ref(s, "苏E12345", "blue")
+
+
+def test_a_value_sealed_under_a_missing_key_is_dead_lettered_at_once_not_retried() -> None:
+    from shared.workqueue import Failure, classify
+
+    writer = settings(data_keys={"k9": SecretStr("k9-" + "a1b2c3d4" * 5)}, data_key_id="k9")
+    reader = settings()
+    with pytest.raises(pii.DataKeyUnknown) as caught:
+        pii.decrypt(reader, pii.encrypt(writer, "苏E12345"))
+    assert classify(caught.value) is Failure.bad_data
