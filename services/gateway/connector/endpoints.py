@@ -177,9 +177,10 @@ async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Res
     `vehicles` holds scrypt("<plate>:<plate_color>", salt, n, r, p, dklen) of normalised plates
     as hex, with the parameters and the salt in `kdf` (its district's, or its own): the gate
     hashes the plate in front of it once and looks it up (`format` 2; the unsalted sha256 list
-    of format 1 is no longer served). A salt changes with a new `version`. While the city is still hashing newly
-    eligible vehicles for this car park, `complete` is false and they are left out (offline they
-    pay on site). Passes are the car park's own: their `vehicle` stays sha256("<plate>:<color>").
+    of format 1 is no longer served). A salt changes with a new `version`. While the city is
+    still hashing newly eligible vehicles for this car park, `complete` is false and they are
+    left out (offline they pay on site). Passes are the car park's own: their `vehicle` stays
+    sha256("<plate>:<color>").
 
     The answer carries an `ETag`; send it back in `If-None-Match` to get 304 while nothing
     changed. The city keeps every version it served to the car park for at least 7 days after
