@@ -22,7 +22,9 @@ admin = APIRouter(prefix="/v1/admin", tags=["admin: billing"])
     "/reconciliations",
     status_code=status.HTTP_201_CREATED,
     response_model=ReconciliationOut,
-    responses=problem_responses(reconciliations.ProviderUnknown, UpstreamUnavailable),
+    responses=problem_responses(
+        reconciliations.ProviderUnknown, reconciliations.DayOutOfRange, UpstreamUnavailable
+    ),
 )
 def run(
     data: ReconciliationIn, request: Request, who: FinanceAuth, db: DbSession

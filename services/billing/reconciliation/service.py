@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import date
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 from sqlalchemy import select
@@ -26,6 +27,12 @@ log = structlog.get_logger(__name__)
 
 AlreadyResolved = problem(409, "reconciliation_resolved", "This reconciliation is resolved")
 ProviderUnknown = problem(422, "provider_unknown", "Unknown payment provider")
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+DayOutOfRange = problem(
+    422, "reconciliation_day_out_of_range", "There is no statement for this day to reconcile"
+)
+# Before the first day the city could have taken money, there is nothing to reconcile.
+FIRST_DAY = date(2000, 1, 1)
 
 Key = tuple[str, str]  # (kind, ref)
 
@@ -79,6 +86,11 @@ def reconcile(
     provider = providers.get(provider_name)
     if provider is None:
         raise ProviderUnknown(f"provider must be one of: {', '.join(sorted(providers))}")
+    today = utcnow().astimezone(SHANGHAI).date()
+    if not FIRST_DAY <= day <= today:
+        # A provider's statement covers a business day that has begun; asking a provider for
+        # year 1 or next year only makes it fail or wait.
+        raise DayOutOfRange(f"date must be between {FIRST_DAY} and {today} (Asia/Shanghai)")
     try:
         statement = provider.statement(day)
     except (ProviderTimeout, ProviderUnavailable) as exc:
