@@ -39,7 +39,7 @@ from services.lots.schemas import (
     PublicKeyIn,
 )
 from shared.auth import Admin, Role
-from shared.errors import NotFound, ValidationFailed, problem
+from shared.errors import CursorInvalid, NotFound, ValidationFailed, problem
 from shared.money import format_yuan
 from shared.signatures import load_public_key
 from shared.tariff import Tariff, parse_tariff, quote
@@ -64,7 +64,6 @@ TariffInPast = problem(
 TariffVersionExists = problem(
     409, "tariff_version_exists", "A different tariff version takes effect at that instant"
 )
-CursorInvalid = problem(422, "cursor_invalid", "The page cursor is not valid")
 DIALECTS = ("canonical", "legacy-json", "xml", "csv")
 MAX_STAY = timedelta(days=366)
 MAX_KEYS = 2

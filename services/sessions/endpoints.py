@@ -10,7 +10,7 @@ from services.sessions.models import ParkingSession, SessionStatus
 from services.sessions.schemas import AdminSessionOut, SessionOut, SessionPage
 from shared.auth import DriverAuth, InternalAuth
 from shared.deps import DbSession
-from shared.errors import NotFound, PlateInvalid, UpstreamUnavailable
+from shared.errors import CursorInvalid, NotFound, PlateInvalid, UpstreamUnavailable
 from shared.http import problem_responses
 from shared.internal import InternalClient
 from shared.masking import UNMASK_RESPONSES, View, staff_view
@@ -60,7 +60,9 @@ def _windows(request: Request, driver_id: str) -> list[service.Window]:
 
 
 @driver.get(
-    "/sessions", response_model=SessionPage, responses=problem_responses(UpstreamUnavailable)
+    "/sessions",
+    response_model=SessionPage,
+    responses=problem_responses(CursorInvalid, UpstreamUnavailable),
 )
 def list_sessions(
     me: DriverAuth,

@@ -14,7 +14,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from services.sessions.models import ParkingSession, SessionStatus, UnmatchedExit
 from shared.bus.outbox import enqueue
-from shared.errors import NotFound, ValidationFailed
+from shared.errors import CursorInvalid, NotFound
 from shared.events import (
     Decision,
     EventType,
@@ -284,7 +284,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         at, sid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
         return datetime.fromisoformat(at), sid
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValidationFailed("cursor is not valid", code_hint="cursor_invalid") from exc
+        raise CursorInvalid("cursor is not valid; use a `next_cursor` as given") from exc
 
 
 def stats(db: Session, since: datetime) -> dict[str, int]:

@@ -273,3 +273,11 @@ def test_internal_routes_refuse_every_outside_caller_even_with_the_internal_toke
                 assert answer.status_code in (401, 403, 404), (
                     f"{method} {path} as {caller} with {sorted(extra)}: {answer.status_code}"
                 )
+
+
+def test_a_page_cursor_the_api_did_not_issue_is_refused_with_its_own_code(city: City) -> None:
+    # (checked here for the driver's parkings; the staff lists have their own tests)
+    answer = city.client.get(
+        "/v1/me/sessions", params={"cursor": "not-a-cursor"}, headers=city.headers[DRIVER]
+    )
+    assert (answer.status_code, answer.json()["code"]) == (422, "cursor_invalid")
