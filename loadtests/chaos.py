@@ -59,6 +59,7 @@ from loadtests.chaos_traffic import Traffic, plan_parkings, seed_city
 from services.gateway.gate import state as gate_state
 from shared.db import make_engine, make_sessionmaker
 from shared.events import EventType
+from shared.pii_columns import bind_data_keys
 from shared.settings import BusKind, CacheKind, Settings
 from shared.topics import SESSIONS_CLOSED, SUZHOU_DISTRICTS, lot_events
 
@@ -412,7 +413,8 @@ def chaos(
                 "jwt_secret": SecretStr(env["CITYPARK_JWT_SECRET"]),
             }
         )
-        engine = make_engine(cfg.database_url)
+        # Plates and phones are encrypted at rest under the city's data keys.
+        engine = bind_data_keys(make_engine(cfg.database_url), settings)
         factory = make_sessionmaker(engine)
         rng = random.Random(f"chaos-city-{seed}")
         gateway = f"http://127.0.0.1:{ports['gateway']}"
@@ -470,7 +472,9 @@ def chaos(
             left = traffic.flush(min(120.0, drain_timeout_s))
             report.drain["sdk_outbox_left"] = left
             progress.update(d_task, description="draining: the city")
-            check_engine = create_engine(cfg.database_url, poolclass=NullPool)
+            check_engine = bind_data_keys(
+                create_engine(cfg.database_url, poolclass=NullPool), settings
+            )
             state: dict[str, int] = {}
             deadline = t + drain_timeout_s
             while time.monotonic() < deadline:
