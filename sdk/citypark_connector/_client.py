@@ -431,6 +431,16 @@ class ConnectorClient:
             if data.get("format") != SNAPSHOT_FORMAT:
                 # The unsalted format 1 is no longer served; the snapshot in hand stays in use.
                 raise ValueError(f"eligibility snapshot format {data.get('format')!r} unknown")
+            if data.get("complete") is False and current is not None:
+                # The city is still hashing newly eligible vehicles: the complete snapshot in
+                # hand decides better than a partial one, which would send enrolled drivers to
+                # pay at the gate. Asked again at the next refresh.
+                log.info(
+                    "citypark: eligibility snapshot %s still being built; keeping %s",
+                    data.get("version"),
+                    current.version,
+                )
+                return current
             kdf = data.get("kdf")
             snap = Snapshot(
                 version=int(data["version"]),

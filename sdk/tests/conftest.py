@@ -39,6 +39,7 @@ class FakeCity:
     salt: str = field(default_factory=lambda: secrets.token_hex(16))
     snapshot_format: int = 2
     eligibility_version: int = 1
+    snapshot_complete: bool = True  # False: the city is still hashing newly eligible vehicles
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -121,7 +122,8 @@ class FakeCity:
                         "format": self.snapshot_format,
                         "lot_postpay_enabled": True,
                         "kdf": self.kdf(),
-                        "vehicles": self.hashed(),
+                        "complete": self.snapshot_complete,
+                        "vehicles": self.hashed() if self.snapshot_complete else [],
                     },
                     headers={"etag": etag},
                 )

@@ -76,3 +76,19 @@ def test_an_unsalted_snapshot_is_neither_taken_nor_kept(make_client: Any, city: 
     reopened = make_client(eligibility_refresh_s=3600)
     assert reopened.snapshot is None
     assert reopened.offline_decision(PLATE, "blue") == ("pay_on_site", "offline_no_snapshot")
+
+
+def test_a_partial_snapshot_never_replaces_a_complete_one(make_client: Any, city: FakeCity) -> None:
+    city.enroll(PLATE, "blue")
+    client = make_client(eligibility_refresh_s=3600)
+    complete = client.refresh_eligibility()
+    # The city's next version is still being hashed (after a salt change, say): a gate that
+    # took it would send the enrolled driver to pay at the gate.
+    city.eligibility_version += 1
+    city.snapshot_complete = False
+    kept = client.refresh_eligibility()
+    assert kept.version == complete.version
+    assert client.offline_decision(PLATE, "blue") == ("postpay", "enrolled")
+    # Once complete, the new version is taken.
+    city.snapshot_complete = True
+    assert client.refresh_eligibility().version == complete.version + 1

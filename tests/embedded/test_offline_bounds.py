@@ -380,3 +380,25 @@ def test_a_pass_id_that_would_change_the_internal_url_is_refused(city: City, pas
     answer = city.gate.delete(f"/v1/connector/passes/{pass_id}")
 
     assert (answer.status_code, answer.json()["code"]) == (422, "pass_id_invalid")
+
+
+def test_a_snapshot_still_being_hashed_is_not_recorded_as_served(
+    city: City, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.gateway.connector import eligibility
+
+    gate_driver(city, new_plate(), PostpayStatus.active)
+    complete = served_now(city)
+    # No time to hash the new vehicle, in the background or in this request: a partial answer.
+    monkeypatch.setattr(eligibility, "warm", lambda rt, budget_s: 0)
+    gate_driver(city, new_plate(), PostpayStatus.active)
+    monkeypatch.setattr(eligibility, "REQUEST_BUDGET_S", 0.0)
+    monkeypatch.setattr(eligibility.build, "__defaults__", (0.0,))
+    partial = city.gate.get("/v1/connector/eligibility").json()
+    assert partial["complete"] is False
+    assert partial["version"] > complete
+    with city.rt.sessionmaker() as db:
+        assert db.get(EligibilityServed, (city.lot_id, partial["version"])) is None
+        kept = db.get(EligibilityServed, (city.lot_id, complete))
+        assert kept is not None
+        assert kept.superseded_at is None  # the gate's complete snapshot still backs claims

@@ -207,15 +207,18 @@ async def eligibility(caller: LotAuth, request: Request) -> EligibilityOut | Res
         # A lot without post-pay decides `pay_on_site` anyway; it gets no drivers' hashes
         # and no salt.
         kdf, served, complete = None, [], True
-    # Kept as served: an offline `postpay` is honoured only if this snapshot backs it.
-    await run_in_threadpool(
-        offline.record_served,
-        rt,
-        caller.lot_id,
-        version,
-        served,
-        None if kdf is None else kdf.spec(),
-    )
+    # Kept as served: an offline `postpay` is honoured only if this snapshot backs it. A partial
+    # one is not: a gate holding a complete snapshot keeps it (the SDK does), and it must not
+    # count as replaced by a list still being hashed.
+    if complete:
+        await run_in_threadpool(
+            offline.record_served,
+            rt,
+            caller.lot_id,
+            version,
+            served,
+            None if kdf is None else kdf.spec(),
+        )
     out = EligibilityOut(
         version=version,
         lot_postpay_enabled=caller.postpay_enabled,
