@@ -238,6 +238,54 @@ def test_postpay_parking_flows_through_the_city(city: City) -> None:
     stranger = connector.report_exit(plate="苏A88888", plate_color="blue", lane="X1")
     assert (stranger.decision, stranger.reason) == ("pay_on_site", "not_eligible")
 
+    # The driver takes everything the city holds about them, then leaves the city.
+    mine = http.get("/v1/me/export", headers=me)
+    assert mine.status_code == 200, mine.text
+    export = mine.json()
+    assert [p["id"] for p in export["parkings"]] == [decision["session_id"]]
+    assert [c["session_id"] for c in export["charges"]] == [decision["session_id"]]
+    assert [v["plate"] for v in export["vehicles"]] == ["苏E12345"]
+    assert export["profile"]["phone"] == "13912345678"
+    driver_id = export["profile"]["id"]
+    gone = http.delete("/v1/me", headers=me)
+    assert gone.status_code == 204, gone.text
+    # Every service refuses the old token (billing at once, sessions within its refresh).
+    assert http.get("/v1/me", headers=me).json()["code"] == "token_revoked"
+    eventually(
+        lambda: http.get("/v1/me/sessions", headers=me).status_code == 401,
+        timeout_s=15,
+        what="sessions refusing the deleted driver's token",
+    )
+    # The parking stays for the car park and the money, but no longer names a person.
+    reason = {"unmasked": "true", "reason": "erasure check in the city flow"}
+    kept = eventually(
+        lambda: [
+            s
+            for s in http.get(
+                "/v1/admin/sessions", headers=admin, params={"lot_id": lot_id, **reason}
+            ).json()
+            if s["id"] == decision["session_id"] and s["plate"] != "苏E12345"
+        ],
+        what="the parking pseudonymised",
+    )
+    assert kept[0]["plate"].startswith("v_")
+    assert kept[0].get("driver_id") in (None, "")
+    # The money is kept, anonymised, and the ledger still balances.
+    after = http.get("/v1/admin/ledger/check", headers=admin).json()
+    assert (after["balanced"], after["sum_fen"], after["journals"]) == (True, 0, 1)
+    # The gate forgets the vehicle, and the phone signs in as a new driver.
+    eventually(
+        lambda: (
+            connector.report_exit(plate="苏E12345", plate_color="blue", lane="X1").decision
+            == "pay_on_site"
+        ),
+        what="the gate forgetting the deleted driver's vehicle",
+    )
+    again_me = sign_in(http, admin, "13912345678")
+    fresh = http.get("/v1/me", headers=again_me).json()
+    assert fresh["id"] != driver_id
+    assert http.get("/v1/me/charges", headers=again_me).json() == []
+
 
 def test_gateway_documents_the_whole_city(city: City) -> None:
     paths = httpx.get(f"{city.gateway}/openapi.json", timeout=20).json()["paths"]
